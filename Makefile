@@ -1,0 +1,37 @@
+# visitas: every target sets itself up (virtual env + dependencies) on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO_DIR ?= $(CURDIR)/.demo
+ROWS   ?= 2000000
+
+.PHONY: demo test test-unit bench clean help
+
+help:
+	@echo "make demo    - run the whole ETL end to end on throwaway servers (data under $(DEMO_DIR))"
+	@echo "make test    - run every test (unit + integration against real servers)"
+	@echo "make bench   - benchmark the pipeline against the floor (ROWS=$(ROWS))"
+	@echo "make clean   - remove the virtual env, demo data and caches"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "visitas needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m visitas.demo --dir $(DEMO_DIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m visitas.bench --rows $(ROWS) $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info .bench
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

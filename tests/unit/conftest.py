@@ -1,0 +1,42 @@
+import polars as pl
+import pytest
+
+HEADER = ("email,jyv,Badmail,Baja,Fecha envio,Fecha open,Opens,Opens virales,Fecha click,"
+          "Clicks,Clicks virales,Links,IPs,Navegadores,Plataformas")
+GOOD_ROW = ('ana@example.com,1,,,08/02/2013 18:30,08/02/2013 19:00,2,0,-,0,0,-,'
+            '"65.49.14.78,65.49.14.93","IE 9.0,",Windows')
+
+
+def row(**changes: str) -> str:
+    """GOOD_ROW with some fields replaced, by internal column name."""
+    from visitas.contract import COLUMNS, split_line
+
+    fields = split_line(GOOD_ROW)
+    for name, value in changes.items():
+        fields[COLUMNS.index(name)] = value
+    return ",".join(f'"{f}"' if "," in f else f for f in fields)
+
+
+@pytest.fixture
+def check():
+    """Validate data lines (numbered from 2, as after a header) -> the checked frame."""
+    from visitas import contract
+
+    def _check(*lines: str) -> pl.DataFrame:
+        frame = pl.DataFrame({"line_no": list(range(2, 2 + len(lines))), "line": list(lines)},
+                             schema={"line_no": pl.Int64, "line": pl.String})
+        return contract.validate_lines(frame)
+
+    return _check
+
+
+@pytest.fixture
+def errors_of(check):
+    """Validate data lines -> list of (line_no, column_name, reason, message)."""
+    from visitas import contract
+
+    def _errors(*lines: str) -> list[tuple]:
+        frame = contract.error_rows(check(*lines).lazy(), "report_1.txt").collect()
+        return list(frame.select("line_no", "column_name", "reason", "message").iter_rows())
+
+    return _errors

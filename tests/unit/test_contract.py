@@ -1,0 +1,207 @@
+"""The report contract: header, row checks, typing, outputs (tiny inline data)."""
+
+import datetime as dt
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from visitas import contract
+
+from .conftest import GOOD_ROW, HEADER, row
+
+
+# ---------------------------------------------------------------- header
+
+@pytest.mark.parametrize("second", ["jk", "jyv", "fgh", "anything"])
+def test_header_accepts_any_second_name(second):
+    contract.check_header(HEADER.replace("jyv", second))
+
+
+def test_header_compares_case_and_accent_insensitively():
+    contract.check_header("\ufeff" + HEADER.replace("Fecha envio", "FECHA ENVÍO").replace("IPs", "ips") + "\r\n")
+
+
+@pytest.mark.parametrize("header, reason, words", [
+    (HEADER.rsplit(",", 1)[0], "header_columns", "14 columns"),
+    (HEADER + ",Extra", "header_columns", "16 columns"),
+    (HEADER.replace("Badmail", "Bad mail"), "header_names", "column 3 is 'Bad mail'"),
+    (GOOD_ROW, "no_header", "looks like data"),
+    ("", "no_header", "empty"),
+])
+def test_header_rejections_name_the_problem(header, reason, words):
+    with pytest.raises(contract.FileRejected) as caught:
+        contract.check_header(header)
+    assert caught.value.reason == reason
+    assert words in caught.value.message
+
+
+def test_binary_head_is_rejected():
+    with pytest.raises(contract.FileRejected, match="NUL byte at offset 3"):
+        contract.sniff_binary(b"abc\x00def")
+    contract.sniff_binary(HEADER.encode())
+
+
+# ---------------------------------------------------------------- encoding
+
+@pytest.mark.parametrize("data, expected", [
+    (HEADER.encode("utf-8"), "utf-8"),
+    (b"\xef\xbb\xbf" + HEADER.encode("utf-8"), "utf-8-sig"),
+    ("Explorador móvil".encode("utf-8"), "utf-8"),
+    ("Explorador móvil".encode("cp1252"), "cp1252"),
+])
+def test_encoding_sniffer(data, expected):
+    sniffer = contract.EncodingSniffer()
+    # Feed byte by byte: a multi-byte character split across chunks is still UTF-8.
+    for i in range(len(data)):
+        sniffer.feed(data[i:i + 1])
+    sniffer.feed(b"", final=True)
+    assert sniffer.encoding == expected
+
+
+def test_cp1252_accents_survive_decoding():
+    assert contract.decode("Navegación móvil".encode("cp1252"), "cp1252") == "Navegación móvil"
+    assert contract.decode(b"\xef\xbb\xbfemail", "utf-8-sig") == "email"
+
+
+# ---------------------------------------------------------------- lines
+
+def test_lines_frame_handles_crlf_lf_and_blank_lines():
+    frame = contract.lines_frame("a\r\nb\n\r\nc", first_line_no=2)
+    expected = pl.DataFrame({"line_no": [2, 3, 5], "line": ["a", "b", "c"]},
+                            schema={"line_no": pl.Int64, "line": pl.String})
+    assert_frame_equal(frame, expected)
+
+
+def test_split_line_unquotes_multi_value_fields():
+    assert contract.split_line('a,"65.49.14.78,65.49.14.93","IE 9.0,","0,3",-,') == [
+        "a", "65.49.14.78,65.49.14.93", "IE 9.0,", "0,3", "-", ""]
+    assert contract.split_line('"say ""hi""",x') == ['say "hi"', "x"]
+
+
+# ---------------------------------------------------------------- good rows
+
+def test_good_row_is_typed(check):
+    stats = contract.statistics_rows(check(GOOD_ROW).lazy(), "report_1.txt").collect()
+    expected = pl.DataFrame([{
+        "email": "ana@example.com", "jyv": "1", "badmail": None, "baja": None,
+        "fecha_envio": dt.datetime(2013, 2, 8, 18, 30), "fecha_open": dt.datetime(2013, 2, 8, 19, 0),
+        "opens": 2, "opens_virales": 0, "fecha_click": None, "clicks": 0, "clicks_virales": 0,
+        "links": None, "ips": ["65.49.14.78", "65.49.14.93"], "navegadores": ["IE 9.0"],
+        "plataformas": ["Windows"], "source_file": "report_1.txt", "line_no": 2,
+    }], schema=contract.STATISTICS_SCHEMA)
+    assert_frame_equal(stats, expected)
+
+
+def test_email_is_trimmed_and_lower_cased(check):
+    stats = contract.statistics_rows(check(row(email="  Ana.Perez@Example.COM ")).lazy(), "f").collect()
+    assert stats["email"].to_list() == ["ana.perez@example.com"]
+
+
+def test_dash_and_empty_are_null(check):
+    checked = check(row(jyv="-", badmail="", baja="-", fecha_open="", ips="-", navegadores=""))
+    stats = contract.statistics_rows(checked.lazy(), "f").collect()
+    assert stats.select("jyv", "badmail", "baja", "fecha_open", "ips", "navegadores").row(0) == (
+        None, None, None, None, None, None)
+
+
+def test_open_before_send_is_valid_but_warned(check):
+    checked = check(row(fecha_open="01/02/2013 10:00"), row(baja="SI", opens="3"),
+                    row(fecha_open="-", fecha_click="09/02/2013 10:00"))
+    stats = contract.statistics_rows(checked.lazy(), "f").collect()
+    assert stats.height == 3
+    warnings = contract.warning_counts(stats.lazy()).collect().row(0, named=True)
+    assert warnings == {"open_before_send": 1, "click_before_send": 0,
+                        "click_without_open": 1, "baja_with_activity": 1}
+
+
+def test_duplicate_emails_within_a_file_are_two_visits(check):
+    checked = check(GOOD_ROW, row(fecha_envio="09/03/2013 10:00"))
+    visits = contract.visits(contract.statistics_rows(checked.lazy(), "f")).collect()
+    assert visits.height == 2 and visits["email"].n_unique() == 1
+
+
+# ---------------------------------------------------------------- bad rows
+
+@pytest.mark.parametrize("value", ["08/020/2013 18:30", "31/02/2013 10:00", "2013-02-08 18:30",
+                                   "8/2/2013 18:30", "08/02/2013 24:00", "08/02/13 18:30"])
+def test_invalid_send_dates(errors_of, value):
+    assert errors_of(row(fecha_envio=value)) == [
+        (2, "Fecha envio", "invalid_date",
+         f"Fecha envio '{value}' is not a real date-time in dd/mm/yyyy HH:mm")]
+
+
+@pytest.mark.parametrize("value", ["", "-"])
+def test_missing_send_date(errors_of, value):
+    assert errors_of(row(fecha_envio=value)) == [
+        (2, "Fecha envio", "missing_date", "Fecha envio is empty (required)")]
+
+
+@pytest.mark.parametrize("column, header", [("fecha_open", "Fecha open"), ("fecha_click", "Fecha click")])
+def test_invalid_optional_dates(errors_of, column, header):
+    assert [e[1:3] for e in errors_of(row(**{column: "30/02/2013 10:00"}))] == [(header, "invalid_date")]
+
+
+@pytest.mark.parametrize("value", ["-1", "dos", "1.5", "1e3", "99999999999999999999"])
+def test_counts_must_be_non_negative_integers(errors_of, value):
+    found = errors_of(row(clicks=value))
+    assert found == [(2, "Clicks", "invalid_count", f"Clicks '{value}' is not a non-negative integer")]
+
+
+@pytest.mark.parametrize("value", ["juan perez@example.com", "ana@@example.com", "sin-arroba.com",
+                                   "x@", "@example.com", "a@b"])
+def test_invalid_emails(errors_of, value):
+    [(line_no, column, reason, message)] = errors_of(row(email=value))
+    assert (line_no, column, reason) == (2, "email", "invalid_email")
+    assert f"'{value}'" in message
+
+
+def test_unicode_email_is_checked_by_email_validator(errors_of):
+    assert errors_of(row(email="josé@ejemplo.mx")) == []
+
+
+@pytest.mark.parametrize("line, found", [
+    (GOOD_ROW.rsplit(",", 1)[0], 14),
+    (GOOD_ROW + ",extra", 16),
+    ("solo,tres,campos", 3),
+])
+def test_field_count(errors_of, line, found):
+    assert errors_of(line) == [(2, "(line)", "field_count", f"expected 15 fields, found {found}")]
+
+
+def test_unclosed_quote_only_rejects_its_own_line(errors_of, check):
+    lines = ['"' + GOOD_ROW, GOOD_ROW]
+    assert [e[:3] for e in errors_of(*lines)] == [(2, "(line)", "malformed_quotes")]
+    assert contract.statistics_rows(check(*lines).lazy(), "f").collect()["line_no"].to_list() == [3]
+
+
+def test_one_row_reports_every_error(errors_of):
+    found = errors_of(row(email="mal", fecha_envio="2013-02-08", opens="-2", clicks="x"))
+    assert [e[2] for e in found] == ["invalid_email", "invalid_date", "invalid_count", "invalid_count"]
+    assert {e[0] for e in found} == {2}
+
+
+def test_error_rows_keep_the_raw_line(check):
+    bad = row(opens="x")
+    errors = contract.error_rows(check(GOOD_ROW, bad).lazy(), "report_9.txt").collect()
+    assert errors.select("source_file", "line_no", "raw_line").rows() == [("report_9.txt", 3, bad)]
+
+
+def test_every_row_is_statistics_or_error_never_both(check):
+    checked = check(GOOD_ROW, row(opens="x"), "a,b", row(email="x@"), row(fecha_open="-"))
+    stats = contract.statistics_rows(checked.lazy(), "f").collect()["line_no"].to_list()
+    errors = set(contract.error_rows(checked.lazy(), "f").collect()["line_no"].to_list())
+    assert sorted(stats + list(errors)) == [2, 3, 4, 5, 6]
+    assert not set(stats) & errors
+
+
+def test_each_distinct_email_is_validated_once():
+    seen: list[list[str]] = []
+
+    def counting_checker(addresses):
+        seen.append(list(addresses))
+        return contract.check_emails(addresses)
+
+    frame = pl.DataFrame({"line_no": [2, 3, 4], "line": [GOOD_ROW, GOOD_ROW, row(email="b@example.com")]})
+    contract.validate_lines(frame.with_columns(pl.col("line_no").cast(pl.Int64)), counting_checker)
+    assert len(seen) == 1 and sorted(seen[0]) == ["ana@example.com", "b@example.com"]

@@ -1,0 +1,73 @@
+"""A whole file through ValidateReport's and SplitVisitorStats' pure work (local files only)."""
+
+import json
+
+import polars as pl
+import pytest
+
+from visitas import processing
+
+from .conftest import GOOD_ROW, HEADER, row
+
+
+def _run(tmp_path, data: bytes, batch_bytes=processing.BATCH_BYTES):
+    path = tmp_path / "report_1.txt"
+    path.write_bytes(data)
+    verdict = processing.validate_report(path, "report_1.txt", tmp_path / "checked", batch_bytes)
+    summary = processing.split_report(tmp_path / "checked", "report_1.txt", tmp_path / "split")
+    return verdict, summary
+
+
+def _copy_rows(path):
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp1252"])
+def test_encodings_and_line_ends(tmp_path, eol, encoding):
+    text = eol.join([HEADER.replace("Fecha envio", "Fecha envío"), row(navegadores="Explorador móvil"),
+                     row(opens="x")]) + eol
+    verdict, summary = _run(tmp_path, text.encode(encoding))
+    assert (verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected) == (2, 1, 1)
+    assert verdict.encoding == encoding
+    [stats] = _copy_rows(tmp_path / "split" / "statistics.copy")
+    assert stats[13] == '{"Explorador móvil"}'
+    [error] = _copy_rows(tmp_path / "split" / "errors.copy")
+    assert error[:4] == ["report_1.txt", "3", "Opens", "invalid_count"]
+
+
+def test_mixed_line_ends_and_small_batches_keep_line_numbers(tmp_path):
+    lines = [HEADER] + [row(opens=str(i)) if i % 5 else row(opens="bad") for i in range(1, 41)]
+    data = "".join(line + ("\r\n" if i % 2 else "\n") for i, line in enumerate(lines)).encode()
+    verdict, summary = _run(tmp_path, data, batch_bytes=300)
+    assert (verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected) == (40, 32, 8)
+    errors = _copy_rows(tmp_path / "split" / "errors.copy")
+    assert [int(e[1]) for e in errors] == [i + 1 for i in range(5, 41, 5)]
+    stats = _copy_rows(tmp_path / "split" / "statistics.copy")
+    assert [int(s[16]) for s in stats] == [i + 1 for i in range(1, 41) if i % 5]
+    assert summary["rows_read"] == summary["rows_loaded"] + summary["rows_rejected"]
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty_file"),
+    (b"\x00\x01\x02binary", "binary_file"),
+    (HEADER.encode() + b"\r\n", "no_rows"),
+    (GOOD_ROW.encode() + b"\n" + GOOD_ROW.encode(), "no_header"),
+    (HEADER.replace(",Plataformas", "").encode() + b"\n" + GOOD_ROW.encode(), "header_columns"),
+])
+def test_file_level_rejections(tmp_path, data, reason):
+    verdict, summary = _run(tmp_path, data)
+    assert verdict.status == "rejected" and verdict.reason == reason
+    assert summary["sha256"] and summary["error_count"] == 1
+    [error] = _copy_rows(tmp_path / "split" / "errors.copy")
+    assert error[2:4] == ["(file)", reason]
+    assert (tmp_path / "split" / "statistics.copy").read_bytes() == b""
+
+
+def test_monthly_visits_are_written(tmp_path):
+    text = "\n".join([HEADER, GOOD_ROW, GOOD_ROW, row(fecha_envio="01/03/2013 10:00")])
+    _run(tmp_path, text.encode())
+    monthly = pl.read_parquet(tmp_path / "split" / "monthly.parquet")
+    assert monthly.select("visit_count").to_series().to_list() == [2, 1]
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["visitors"] == 1

@@ -1,0 +1,72 @@
+"""The visitor rule: counters from visits, independent of the order of files."""
+
+import datetime as dt
+
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+
+from visitas import visitors
+
+
+def _visits(*pairs):
+    return pl.DataFrame({"email": [p[0] for p in pairs], "sent_at": [p[1] for p in pairs]},
+                        schema={"email": pl.String, "sent_at": pl.Datetime("us")})
+
+
+def test_counters_follow_the_latest_visit():
+    visits = _visits(
+        ("a@x.mx", dt.datetime(2024, 12, 31, 23, 59)),
+        ("a@x.mx", dt.datetime(2025, 3, 1, 8, 0)),
+        ("a@x.mx", dt.datetime(2025, 3, 20, 9, 0)),
+        ("a@x.mx", dt.datetime(2025, 1, 5, 9, 0)),
+        ("b@x.mx", dt.datetime(2023, 7, 7, 7, 7)),
+    )
+    result = visitors.visitor_rule(visits.lazy()).collect()
+    expected = pl.DataFrame({
+        "email": ["a@x.mx", "b@x.mx"],
+        "fecha_primera_visita": [dt.date(2024, 12, 31), dt.date(2023, 7, 7)],
+        "fecha_ultima_visita": [dt.date(2025, 3, 20), dt.date(2023, 7, 7)],
+        "visitas_totales": [4, 1],
+        "visitas_anio_actual": [3, 1],
+        "visitas_mes_actual": [2, 1],
+    }, schema_overrides={"visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64,
+                         "visitas_mes_actual": pl.Int64})
+    assert_frame_equal(result, expected)
+
+
+def test_dates_are_reported_as_yyyymmdd():
+    frame = pl.DataFrame({"d": [dt.date(2025, 3, 9)]})
+    assert frame.select(visitors.as_yyyymmdd("d")).item() == "20250309"
+
+
+def test_combining_monthly_parts_equals_one_pass():
+    visits = _visits(*[("a@x.mx", dt.datetime(2025, m, d)) for m in (1, 2) for d in (1, 15)])
+    whole = visitors.monthly_visits(visits.lazy()).collect().sort("visit_month")
+    parts = pl.concat([visitors.monthly_visits(visits[:1].lazy()).collect(),
+                       visitors.monthly_visits(visits[1:].lazy()).collect()])
+    combined = visitors.combine_monthly(parts.lazy()).collect().sort("visit_month")
+    assert_frame_equal(combined, whole, check_column_order=False)
+
+
+visit_strategy = st.lists(
+    st.tuples(st.sampled_from(["a@x.mx", "b@x.mx", "c@x.mx"]),
+              st.datetimes(min_value=dt.datetime(2020, 1, 1), max_value=dt.datetime(2027, 12, 31))),
+    min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(visit_strategy, st.randoms(use_true_random=False), st.integers(min_value=1, max_value=4))
+def test_result_does_not_depend_on_load_order(pairs, random, n_files):
+    """Split the visits into 'files', load them in a shuffled order: the same counters."""
+    visits = _visits(*pairs)
+    reference = visitors.visitor_rule(visits.lazy()).collect()
+    files = [visits[i::n_files] for i in range(n_files)]
+    random.shuffle(files)
+    monthly = pl.concat([visitors.monthly_visits(f.lazy()).collect() for f in files])
+    shuffled = visitors.visitor_counters(visitors.combine_monthly(monthly.lazy())).collect()
+    assert_frame_equal(shuffled, reference)
+    assert reference["visitas_totales"].sum() == len(pairs)
+    assert (reference["visitas_mes_actual"] <= reference["visitas_anio_actual"]).all()
+    assert (reference["visitas_anio_actual"] <= reference["visitas_totales"]).all()

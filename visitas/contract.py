@@ -1,0 +1,399 @@
+"""The report contract: what one ``report_<n>.txt`` must look like and what it turns into.
+
+Everything here is pure: functions take bytes, strings or Polars frames and return frames or
+plain values.  Reading files and writing outputs is the tasks' business (``visitas.tasks``).
+
+A report is a CSV file with a header and 15 columns, recognised by position.  Each data line
+becomes either one *statistics* row (all checks passed) or one or more *error* rows (every check
+that failed, each with the column, a reason code and a message naming the offending value).
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import unicodedata
+from collections.abc import Callable, Iterable
+
+import polars as pl
+
+# Column names used inside visitas, by position in the file.
+COLUMNS: tuple[str, ...] = (
+    "email", "jyv", "badmail", "baja", "fecha_envio", "fecha_open", "opens", "opens_virales",
+    "fecha_click", "clicks", "clicks_virales", "links", "ips", "navegadores", "plataformas",
+)
+# Header names as the partner writes them; ``None`` means any name is accepted (it varies).
+HEADER_NAMES: tuple[str | None, ...] = (
+    "email", None, "Badmail", "Baja", "Fecha envio", "Fecha open", "Opens", "Opens virales",
+    "Fecha click", "Clicks", "Clicks virales", "Links", "IPs", "Navegadores", "Plataformas",
+)
+N_COLUMNS = len(COLUMNS)
+TEXT_FLAGS = ("jyv", "badmail", "baja")
+DATE_COLUMNS = ("fecha_envio", "fecha_open", "fecha_click")
+COUNT_COLUMNS = ("opens", "opens_virales", "clicks", "clicks_virales")
+LIST_COLUMNS = ("links", "ips", "navegadores", "plataformas")
+DATE_FORMAT = "%d/%m/%Y %H:%M"
+DATE_PATTERN = r"^\d{2}/\d{2}/\d{4} \d{2}:\d{2}$"
+COUNT_PATTERN = r"^\d{1,18}$"
+NULL_MARKERS = ("", "-")
+
+# One CSV field: a quoted field (with "" escapes) or an unquoted one without quotes or commas.
+_FIELD = r'("(?:[^"]|"")*"|[^,"]*)'
+_ROW_PATTERN = "^" + ",".join([_FIELD] * N_COLUMNS) + "$"
+_ANY_ROW_PATTERN = "^" + _FIELD + "(?:," + _FIELD + ")*$"
+_FIELD_PATTERN = r'(?:^|,)(?:"(?:[^"]|"")*"|[^,"]*)'
+
+STATISTICS_SCHEMA: dict[str, pl.DataType] = {
+    "email": pl.String, "jyv": pl.String, "badmail": pl.String, "baja": pl.String,
+    "fecha_envio": pl.Datetime("us"), "fecha_open": pl.Datetime("us"),
+    "opens": pl.Int64, "opens_virales": pl.Int64, "fecha_click": pl.Datetime("us"),
+    "clicks": pl.Int64, "clicks_virales": pl.Int64,
+    "links": pl.List(pl.String), "ips": pl.List(pl.String),
+    "navegadores": pl.List(pl.String), "plataformas": pl.List(pl.String),
+    "source_file": pl.String, "line_no": pl.Int64,
+}
+ERROR_SCHEMA: dict[str, pl.DataType] = {
+    "source_file": pl.String, "line_no": pl.Int64, "column_name": pl.String,
+    "reason": pl.String, "message": pl.String, "raw_line": pl.String,
+}
+_ERROR_STRUCT = pl.Struct({"column_name": pl.String, "reason": pl.String, "message": pl.String})
+WARNING_KINDS = ("open_before_send", "click_before_send", "click_without_open", "baja_with_activity")
+
+
+class FileRejected(Exception):
+    """The whole file is unusable; ``reason`` is a stable code, the message says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# --------------------------------------------------------------------------- bytes and header
+
+def sniff_binary(head: bytes) -> None:
+    """Reject a file whose first bytes show it is not text (NUL bytes)."""
+    position = head.find(b"\x00")
+    if position >= 0:
+        raise FileRejected("binary_file", f"not a CSV text file: NUL byte at offset {position}")
+
+
+class EncodingSniffer:
+    """Feed a file's bytes in chunks; ``encoding`` is then 'utf-8', 'utf-8-sig' or 'cp1252'."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._start = b""
+        self.is_utf8 = True
+
+    @property
+    def has_bom(self) -> bool:
+        return self._start.startswith(codecs.BOM_UTF8)
+
+    def feed(self, chunk: bytes, final: bool = False) -> None:
+        if len(self._start) < len(codecs.BOM_UTF8):
+            self._start += chunk[: len(codecs.BOM_UTF8) - len(self._start)]
+        if self.is_utf8:
+            try:
+                self._decoder.decode(chunk, final)
+            except UnicodeDecodeError:
+                self.is_utf8 = False
+
+    @property
+    def encoding(self) -> str:
+        if not self.is_utf8:
+            return "cp1252"
+        return "utf-8-sig" if self.has_bom else "utf-8"
+
+
+def decode(data: bytes, encoding: str) -> str:
+    """Decode with the sniffed encoding; cp1252's five undefined bytes become U+FFFD."""
+    if encoding == "utf-8-sig":
+        return data.decode("utf-8").removeprefix("\ufeff")
+    return data.decode(encoding, errors="replace" if encoding == "cp1252" else "strict")
+
+
+def _fold(name: str) -> str:
+    """Header names compare case-, accent- and surrounding-space-insensitively."""
+    decomposed = unicodedata.normalize("NFKD", name.strip().strip('"').strip())
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def split_line(line: str) -> list[str]:
+    """Split one CSV line into unquoted fields (used for the header and in messages)."""
+    frame = pl.DataFrame({"line": [line]}).select(_fields_expr(pl.col("line")))
+    return frame.item().to_list()
+
+
+def check_header(header_line: str) -> None:
+    """Raise FileRejected unless the header has the 15 expected columns."""
+    line = header_line.removeprefix("\ufeff").rstrip("\r\n")
+    if not line.strip():
+        raise FileRejected("no_header", "the first line is empty: no header")
+    names = split_line(line)
+    if len(names) != N_COLUMNS:
+        raise FileRejected(
+            "header_columns",
+            f"header has {len(names)} columns, expected {N_COLUMNS}: {line[:200]!r}")
+    wrong = [
+        f"column {i + 1} is {name!r}, expected {expected!r}"
+        for i, (name, expected) in enumerate(zip(names, HEADER_NAMES))
+        if expected is not None and _fold(name) != _fold(expected)
+    ]
+    if wrong:
+        looks_like_data = "@" in names[0]
+        reason = "no_header" if looks_like_data else "header_names"
+        prefix = "no header: the first line looks like data; " if looks_like_data else "unknown header: "
+        raise FileRejected(reason, prefix + "; ".join(wrong[:5]))
+
+
+# --------------------------------------------------------------------------- lines
+
+def lines_frame(text: str, first_line_no: int) -> pl.DataFrame:
+    """Split decoded text (whole lines) into ``line_no, line`` without the line ends.
+
+    Blank lines are dropped (they are not rows) but keep the numbering of the lines around them.
+    """
+    lines = pl.Series("line", [text], dtype=pl.String).str.split("\n").explode()
+    return (
+        pl.DataFrame({"line": lines})
+        .with_row_index("line_no", offset=first_line_no)
+        .with_columns(pl.col("line_no").cast(pl.Int64), pl.col("line").str.strip_suffix("\r"))
+        .filter(pl.col("line").str.strip_chars().str.len_bytes() > 0)
+    )
+
+
+def _fields_expr(line: pl.Expr) -> pl.Expr:
+    """A line as a list of unquoted field values (a lenient split, for counting and messages)."""
+    return (
+        line.str.extract_all(_FIELD_PATTERN)
+        .list.eval(_unquote(pl.element().str.strip_prefix(",")))
+    )
+
+
+def _unquote(field: pl.Expr) -> pl.Expr:
+    is_quoted = field.str.starts_with('"') & field.str.ends_with('"') & (field.str.len_chars() >= 2)
+    inner = field.str.slice(1, field.str.len_chars() - 2).str.replace_all('""', '"', literal=True)
+    return pl.when(is_quoted).then(inner).otherwise(field)
+
+
+def _error(condition: pl.Expr, column: str, reason: str, message: pl.Expr) -> pl.Expr:
+    return pl.when(condition).then(
+        pl.struct(
+            pl.lit(column).alias("column_name"),
+            pl.lit(reason).alias("reason"),
+            message.alias("message"),
+        )
+    ).otherwise(pl.lit(None, dtype=_ERROR_STRUCT))
+
+
+def _quoted(value: pl.Expr) -> pl.Expr:
+    """A value for a message, quoted and cut to 80 characters."""
+    return pl.concat_str(pl.lit("'"), value.str.slice(0, 80), pl.lit("'"))
+
+
+def _as_null(value: pl.Expr) -> pl.Expr:
+    return pl.when(value.is_in(NULL_MARKERS)).then(None).otherwise(value)
+
+
+def split_columns(lines: pl.LazyFrame) -> pl.LazyFrame:
+    """``line_no, line`` -> adds ``field_count``, ``is_well_quoted`` and the 15 raw text columns."""
+    groups = pl.col("line").str.extract_groups(_ROW_PATTERN)
+    return lines.with_columns(
+        groups.alias("_groups"),
+        pl.col("line").str.contains(_ANY_ROW_PATTERN).alias("is_well_quoted"),
+    ).with_columns(
+        pl.when(pl.col("_groups").struct.field("1").is_not_null())
+        .then(pl.lit(N_COLUMNS, dtype=pl.Int64))
+        .otherwise(_fields_expr(pl.col("line")).list.len().cast(pl.Int64))
+        .alias("field_count"),
+        *[
+            _as_null(_unquote(pl.col("_groups").struct.field(str(i + 1))).str.strip_chars()).alias(name)
+            for i, name in enumerate(COLUMNS)
+        ],
+    ).drop("_groups")
+
+
+def type_columns(raw: pl.LazyFrame, email_errors: pl.LazyFrame) -> pl.LazyFrame:
+    """Raw text columns -> typed columns plus ``errors`` (a list of column/reason/message).
+
+    ``email_errors`` has ``email_raw, email_error``: the email-validator verdict (null = valid)
+    for each distinct trimmed address, computed once per address by :func:`check_emails`.
+    """
+    typed = raw.join(email_errors, left_on="email", right_on="email_raw", how="left")
+    dates = {
+        name: pl.col(name).str.strptime(pl.Datetime("us"), DATE_FORMAT, strict=False)
+        .alias(f"_{name}")
+        for name in DATE_COLUMNS
+    }
+    typed = typed.with_columns(*dates.values())
+    checks: list[tuple] = []
+    has_fields = pl.col("field_count") == N_COLUMNS
+    ok_row = has_fields & pl.col("is_well_quoted")
+    checks.append((
+        ~pl.col("is_well_quoted"), "(line)", "malformed_quotes",
+        pl.lit("unbalanced or misplaced double quote in the line")))
+    checks.append((
+        pl.col("is_well_quoted") & ~has_fields, "(line)", "field_count",
+        pl.format("expected {} fields, found {}", pl.lit(N_COLUMNS), pl.col("field_count"))))
+    checks.append((
+        pl.col("line").str.contains("\x00", literal=True), "(line)", "nul_byte",
+        pl.lit("the line contains NUL bytes")))
+    checks.append((
+        ok_row & pl.col("email").is_null(), "email", "missing_email", pl.lit("email is empty")))
+    checks.append((
+        ok_row & pl.col("email_error").is_not_null(), "email", "invalid_email",
+        pl.format("email {} is not valid: {}", _quoted(pl.col("email")), pl.col("email_error"))))
+    checks.append((
+        ok_row & pl.col("fecha_envio").is_null(), "Fecha envio", "missing_date",
+        pl.lit("Fecha envio is empty (required)")))
+    for name, header in zip(DATE_COLUMNS, ("Fecha envio", "Fecha open", "Fecha click")):
+        bad = pl.col(name).is_not_null() & (
+            ~pl.col(name).str.contains(DATE_PATTERN) | pl.col(f"_{name}").is_null())
+        checks.append((
+            ok_row & bad, header, "invalid_date",
+            pl.format("{} {} is not a real date-time in dd/mm/yyyy HH:mm",
+                      pl.lit(header), _quoted(pl.col(name)))))
+    for name, header in zip(COUNT_COLUMNS, ("Opens", "Opens virales", "Clicks", "Clicks virales")):
+        bad = pl.col(name).is_not_null() & ~pl.col(name).str.contains(COUNT_PATTERN)
+        checks.append((
+            ok_row & bad, header, "invalid_count",
+            pl.format("{} {} is not a non-negative integer", pl.lit(header), _quoted(pl.col(name)))))
+    # Messages are built only for the (few) rows that fail a check.
+    conditions = [check[0] for check in checks]
+    error_list = pl.concat_list([_error(*check) for check in checks]).list.drop_nulls()
+    no_errors = pl.lit([], dtype=pl.List(_ERROR_STRUCT))
+    typed = typed.with_columns(pl.any_horizontal(conditions).fill_null(True).alias("_has_errors"))
+    typed = pl.concat([
+        typed.filter(~pl.col("_has_errors")).with_columns(no_errors.alias("errors")),
+        typed.filter(pl.col("_has_errors")).with_columns(error_list.alias("errors")),
+    ]).sort("line_no").drop("_has_errors")
+    return typed.with_columns(
+        pl.col("email").str.to_lowercase(),
+        *[pl.col(f"_{name}").alias(name) for name in DATE_COLUMNS],
+        *[
+            pl.when(pl.col(name).str.contains(COUNT_PATTERN)).then(pl.col(name))
+            .cast(pl.Int64, strict=False).alias(name)
+            for name in COUNT_COLUMNS
+        ],
+        *[
+            pl.col(name).str.split(",").list.eval(
+                pl.element().str.strip_chars().filter(pl.element().str.len_bytes() > 0)
+            ).alias(name)
+            for name in LIST_COLUMNS
+        ],
+    ).drop([f"_{name}" for name in DATE_COLUMNS] + ["email_error"])
+
+
+def check_emails(addresses: Iterable[str]) -> pl.DataFrame:
+    """email-validator's verdict (syntax only, never DNS) for each distinct address."""
+    from email_validator import EmailNotValidError, validate_email
+
+    verdicts: list[str | None] = []
+    distinct = list(dict.fromkeys(a for a in addresses if a is not None))
+    for address in distinct:
+        try:
+            validate_email(address, check_deliverability=False)
+            verdicts.append(None)
+        except EmailNotValidError as error:
+            verdicts.append(str(error))
+    return pl.DataFrame(
+        {"email_raw": distinct, "email_error": verdicts},
+        schema={"email_raw": pl.String, "email_error": pl.String},
+    )
+
+
+def validate_lines(
+    lines: pl.DataFrame,
+    email_checker: Callable[[list[str]], pl.DataFrame] = check_emails,
+) -> pl.DataFrame:
+    """``line_no, line`` -> one checked row per line: typed columns, ``errors`` and ``line``."""
+    raw = split_columns(lines.lazy()).collect()
+    addresses = raw.get_column("email").drop_nulls().unique().to_list()
+    verdicts = email_checker(addresses)
+    return type_columns(raw.lazy(), verdicts.lazy()).collect()
+
+
+# --------------------------------------------------------------------------- split
+
+def statistics_rows(checked: pl.LazyFrame, source_file: str) -> pl.LazyFrame:
+    """The valid rows, typed, with their source file and line number."""
+    return (
+        checked.filter(pl.col("errors").list.len() == 0)
+        .with_columns(pl.lit(source_file).alias("source_file"))
+        .select([pl.col(name).cast(dtype) for name, dtype in STATISTICS_SCHEMA.items()])
+    )
+
+
+def error_rows(checked: pl.LazyFrame, source_file: str) -> pl.LazyFrame:
+    """One row per failed check, with the raw line it came from."""
+    return (
+        checked.filter(pl.col("errors").list.len() > 0)
+        .select("line_no", "errors", pl.col("line").alias("raw_line"))
+        .explode("errors")
+        .unnest("errors")
+        .with_columns(pl.lit(source_file).alias("source_file"))
+        .select([pl.col(name).cast(dtype) for name, dtype in ERROR_SCHEMA.items()])
+    )
+
+
+def file_error_row(source_file: str, error: FileRejected, raw_line: str | None) -> pl.DataFrame:
+    """The single error row that records a rejected file."""
+    return pl.DataFrame(
+        [{"source_file": source_file, "line_no": 1 if raw_line is not None else 0,
+          "column_name": "(file)", "reason": error.reason, "message": error.message,
+          "raw_line": raw_line}],
+        schema=ERROR_SCHEMA,
+    )
+
+
+def visits(statistics: pl.LazyFrame) -> pl.LazyFrame:
+    """A visit is a valid row dated by Fecha envio: ``email, sent_at``."""
+    return statistics.select("email", pl.col("fecha_envio").alias("sent_at"))
+
+
+def warning_counts(statistics: pl.LazyFrame) -> pl.LazyFrame:
+    """Data-quality warnings (not errors): rows that load but look odd, counted by kind."""
+    is_baja = pl.col("baja").str.to_uppercase() == "SI"
+    has_activity = (
+        (pl.col("opens").fill_null(0) > 0) | (pl.col("clicks").fill_null(0) > 0)
+        | pl.col("fecha_open").is_not_null() | pl.col("fecha_click").is_not_null()
+    )
+    return statistics.select(
+        (pl.col("fecha_open") < pl.col("fecha_envio")).sum().alias("open_before_send"),
+        (pl.col("fecha_click") < pl.col("fecha_envio")).sum().alias("click_before_send"),
+        (pl.col("fecha_click").is_not_null() & pl.col("fecha_open").is_null()).sum()
+        .alias("click_without_open"),
+        (is_baja & has_activity).sum().alias("baja_with_activity"),
+    ).select(pl.all().cast(pl.Int64))
+
+
+@dataclasses.dataclass
+class FileVerdict:
+    """What happened to one file: always ``rows_read == rows_loaded + rows_rejected``."""
+
+    source_file: str
+    status: str  # "valid" (rows may still be rejected) or "rejected" (the whole file)
+    encoding: str | None
+    rows_read: int = 0
+    rows_loaded: int = 0
+    rows_rejected: int = 0
+    error_count: int = 0
+    reason: str | None = None
+    message: str | None = None
+    warnings: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(WARNING_KINDS, 0))
+
+    def add(self, other: "FileVerdict") -> None:
+        self.rows_read += other.rows_read
+        self.rows_loaded += other.rows_loaded
+        self.rows_rejected += other.rows_rejected
+        self.error_count += other.error_count
+        for kind, count in other.warnings.items():
+            self.warnings[kind] = self.warnings.get(kind, 0) + count
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FileVerdict":
+        return cls(**data)

@@ -1,0 +1,221 @@
+"""Per-file work of ValidateReport and SplitVisitorStats, in bounded batches.
+
+A file is read in batches of whole lines (``batch_bytes`` at a time), so memory does not grow
+with the size of the file.  Email addresses are validated once per distinct address per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import polars as pl
+
+from visitas import contract, visitors
+from visitas.copy_format import copy_lines
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 32 * 1024 * 1024
+_HEAD_BYTES = 64 * 1024
+_MAX_HEADER_BYTES = 1024 * 1024
+CHECKED_GLOB = "checked-*.parquet"
+VERDICT_FILE = "verdict.json"
+
+
+def inspect_file(path: Path) -> tuple[str, str, int]:
+    """One pass over the file: sha256, encoding and size; file-level checks of the first bytes.
+
+    Returns ``(sha256, encoding, size)``.  Raises :class:`contract.FileRejected` for an empty or
+    binary file (the sha256 of a rejected file is computed separately, see :func:`sha256_of`).
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise contract.FileRejected("empty_file", "the file is empty (0 bytes)")
+    digest = hashlib.sha256()
+    sniffer = contract.EncodingSniffer()
+    with open(path, "rb") as handle:
+        head = handle.read(_HEAD_BYTES)
+        contract.sniff_binary(head)
+        chunk = head
+        while chunk:
+            digest.update(chunk)
+            sniffer.feed(chunk)
+            chunk = handle.read(BATCH_BYTES)
+        sniffer.feed(b"", final=True)
+    return digest.hexdigest(), sniffer.encoding, size
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(BATCH_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_header(path: Path, encoding: str) -> tuple[str, int]:
+    """The first line, decoded, and the byte offset where the data lines start."""
+    with open(path, "rb") as handle:
+        head = handle.read(_MAX_HEADER_BYTES)
+    end = head.find(b"\n")
+    if end < 0:
+        if len(head) >= _MAX_HEADER_BYTES:
+            raise contract.FileRejected("no_header", "no line end in the first 1 MiB: no header line")
+        end = len(head)
+    return contract.decode(head[:end], encoding).removeprefix("\ufeff"), end + 1
+
+
+def iter_line_batches(path: Path, encoding: str, start: int, first_line_no: int,
+                      batch_bytes: int = BATCH_BYTES) -> Iterator[pl.DataFrame]:
+    """``line_no, line`` frames of whole lines from byte ``start`` on."""
+    line_no = first_line_no
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        carry = b""
+        while True:
+            chunk = handle.read(batch_bytes)
+            data = carry + chunk
+            if not chunk:
+                if data:
+                    yield contract.lines_frame(contract.decode(data, encoding), line_no)
+                return
+            cut = data.rfind(b"\n")
+            if cut < 0:  # one very long line: keep reading until it ends
+                carry = data
+                continue
+            whole, carry = data[: cut + 1], data[cut + 1:]
+            text = contract.decode(whole, encoding)
+            yield contract.lines_frame(text.removesuffix("\n"), line_no)
+            line_no += whole.count(b"\n")
+
+
+class EmailCache:
+    """Validates each distinct address once per file (email-validator is the slow part)."""
+
+    def __init__(self, checker: Callable = contract.check_emails):
+        self._checker = checker
+        self._known: dict[str, str | None] = {}
+
+    def __call__(self, addresses: list[str]) -> pl.DataFrame:
+        new = [a for a in addresses if a not in self._known]
+        if new:
+            verdicts = self._checker(new)
+            self._known.update(zip(verdicts["email_raw"].to_list(), verdicts["email_error"].to_list()))
+        return pl.DataFrame(
+            {"email_raw": addresses, "email_error": [self._known[a] for a in addresses]},
+            schema={"email_raw": pl.String, "email_error": pl.String},
+        )
+
+
+def validate_report(path: Path, source_file: str, out_dir: Path,
+                    batch_bytes: int = BATCH_BYTES,
+                    progress: Callable[[int, int], None] | None = None) -> contract.FileVerdict:
+    """Check a downloaded report; write checked batches and ``verdict.json`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoding: str | None = None
+    try:
+        sha256, encoding, size = inspect_file(path)
+        header, data_start = read_header(path, encoding)
+        contract.check_header(header)
+        if data_start >= size or not _has_data(path, data_start):
+            raise contract.FileRejected("no_rows", "the file has a header but no data rows")
+    except contract.FileRejected as rejection:
+        verdict = contract.FileVerdict(
+            source_file, "rejected", encoding, reason=rejection.reason, message=rejection.message)
+        _write_json(out_dir / VERDICT_FILE, {**verdict.to_dict(), "sha256": sha256_of(path),
+                                            "size": path.stat().st_size,
+                                            "first_line": _first_line(path)})
+        log.warning("%s rejected: %s", source_file, rejection.message)
+        return verdict
+
+    verdict = contract.FileVerdict(source_file, "valid", encoding)
+    emails = EmailCache()
+    done = data_start
+    for index, lines in enumerate(iter_line_batches(path, encoding, data_start, 2, batch_bytes)):
+        checked = contract.validate_lines(lines, emails)
+        has_errors = pl.col("errors").list.len() > 0
+        checked = checked.with_columns(pl.when(has_errors).then(pl.col("line")).alias("line"))
+        checked.write_parquet(out_dir / f"checked-{index:05d}.parquet", compression="lz4")
+        rejected = checked.select(has_errors.sum()).item()
+        verdict.rows_read += checked.height
+        verdict.rows_rejected += rejected
+        verdict.rows_loaded += checked.height - rejected
+        done = min(size, done + batch_bytes)
+        if progress:
+            progress(done, size)
+    _write_json(out_dir / VERDICT_FILE, {**verdict.to_dict(), "sha256": sha256, "size": size})
+    log.info("%s validated (%s): %d rows read, %d valid, %d rejected", source_file, encoding,
+             verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected)
+    return verdict
+
+
+def _has_data(path: Path, start: int) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while chunk := handle.read(_HEAD_BYTES):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _first_line(path: Path) -> str | None:
+    """The first line of a rejected file, for the error row (cut, decoded leniently)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        return None
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    return line.decode("utf-8", errors="replace")[:1000]
+
+
+def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
+    """Checked batches -> ``statistics.copy``, ``errors.copy``, ``monthly.parquet``, ``summary``.
+
+    The COPY files are pre-formatted text, ready to stream into PostgreSQL as they are.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((checked_dir / VERDICT_FILE).read_text())
+    verdict = contract.FileVerdict.from_dict(
+        {k: v for k, v in meta.items() if k in contract.FileVerdict.__dataclass_fields__})
+    monthly_parts: list[pl.DataFrame] = []
+    warnings = dict.fromkeys(contract.WARNING_KINDS, 0)
+    with open(out_dir / "statistics.copy", "wb") as stats_out, \
+            open(out_dir / "errors.copy", "wb") as errors_out:
+        if verdict.status == "rejected":
+            rejection = contract.FileRejected(verdict.reason, verdict.message)
+            errors = contract.file_error_row(source_file, rejection, meta.get("first_line"))
+            errors_out.write(copy_lines(errors))
+            verdict.error_count = 1
+        for part in sorted(checked_dir.glob(CHECKED_GLOB)):
+            checked = pl.scan_parquet(part)
+            statistics = contract.statistics_rows(checked, source_file).collect()
+            errors = contract.error_rows(checked, source_file).collect()
+            stats_out.write(copy_lines(statistics))
+            errors_out.write(copy_lines(errors))
+            verdict.error_count += errors.height
+            lazy_stats = statistics.lazy()
+            monthly_parts.append(visitors.monthly_visits(contract.visits(lazy_stats)).collect())
+            for kind, count in contract.warning_counts(lazy_stats).collect().row(0, named=True).items():
+                warnings[kind] += count
+    monthly = (
+        visitors.combine_monthly(pl.concat(monthly_parts).lazy()).collect()
+        if monthly_parts else pl.DataFrame(schema=visitors.MONTHLY_SCHEMA)
+    )
+    monthly.sort("email", "visit_month").write_parquet(out_dir / "monthly.parquet")
+    verdict.warnings = warnings
+    summary = {**meta, **verdict.to_dict(), "visitors": monthly.get_column("email").n_unique()}
+    _write_json(out_dir / "summary.json", summary)
+    log.info("%s split: %d statistics rows, %d error rows, %d visitors, warnings %s",
+             source_file, verdict.rows_loaded, verdict.error_count, summary["visitors"], warnings)
+    return summary
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
