@@ -1,0 +1,179 @@
+"""What the integration tests share: a configured environment that runs the real `luigi` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import polars as pl
+import psycopg
+from psycopg import sql
+
+from visitas import devservers, sample
+
+REMOTE_DIR = "home/vinkOS/archivosVisitas"
+RETCODES = """
+[retcode]
+already_running = 10
+missing_data = 20
+not_run = 25
+task_failed = 30
+scheduling_error = 35
+unhandled_exception = 40
+"""
+LUIGI = str(Path(sys.executable).with_name("luigi"))
+
+
+class Env:
+    """One test's world: an SFTP server's folder, local folders, a schema, a luigi.cfg."""
+
+    def __init__(self, tmp: Path, dsn: str, schema: str, sftp_host_cfg: dict, remote_dir: Path,
+                 remote_path: str, extra_cfg: str = ""):
+        self.tmp, self.dsn, self.schema = tmp, dsn, schema
+        self.remote_dir = remote_dir  # the server's folder, as seen locally
+        self.remote_path = remote_path  # the same folder, as the SFTP server shows it
+        self.download_dir = tmp / "download"
+        self.backup_dir = tmp / "bckp"
+        self.state_dir = tmp / "state"
+        self.log_file = tmp / "logs" / "visitas.log"
+        self.generated = tmp / "generated"
+        self.sftp_cfg = sftp_host_cfg
+        self.config = tmp / "luigi.cfg"
+        self.write_config(extra_cfg)
+
+    def write_config(self, extra: str = "") -> None:
+        sftp_lines = "\n".join(f"{k} = {v}" for k, v in self.sftp_cfg.items())
+        self.config.write_text(f"""
+[core]
+log_level = INFO
+[worker]
+keep_alive = false
+[sftp]
+{sftp_lines}
+remote_dir = {self.remote_path}
+timeout = 10
+[postgres]
+dsn = ${{VISITAS_TEST_PIPELINE_DSN}}
+schema = {self.schema}
+lock_wait = 60
+[paths]
+download_dir = {self.download_dir}
+backup_dir = {self.backup_dir}
+state_dir = {self.state_dir}
+[retry]
+attempts = 3
+first_delay = 0.2
+max_delay = 1
+[logfile]
+path = {self.log_file}
+{RETCODES}
+{extra}
+""")
+
+    # ------------------------------------------------------------------ running
+
+    def luigi(self, *args: str, timeout: float = 300, env: dict | None = None,
+              task: str = "RunAll") -> subprocess.CompletedProcess:
+        """The real command, as cron runs it (a fresh interpreter, our config)."""
+        environment = {**os.environ, "LUIGI_CONFIG_PATH": str(self.config),
+                       "VISITAS_TEST_PIPELINE_DSN": self.dsn, **(env or {})}
+        environment.pop("VISITAS_RUN_ID", None)
+        return subprocess.run([LUIGI, "--module", "visitas", task, "--local-scheduler", *args],
+                              cwd=self.tmp, env=environment, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def popen(self, *args: str, env: dict | None = None) -> subprocess.Popen:
+        environment = {**os.environ, "LUIGI_CONFIG_PATH": str(self.config),
+                       "VISITAS_TEST_PIPELINE_DSN": self.dsn, **(env or {})}
+        environment.pop("VISITAS_RUN_ID", None)
+        return subprocess.Popen([LUIGI, "--module", "visitas", "RunAll", *args], cwd=self.tmp,
+                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    # ------------------------------------------------------------------ data
+
+    def generate(self, files: int = 3, rows: int = 300, seed: int = 7, defects: float = 0.05,
+                 first_number: int = 1, visitors: int | None = None) -> dict:
+        """Generate reports, keep pristine copies, upload them (copy into the server's folder)."""
+        out = self.generated / f"batch{first_number}-{seed}"
+        manifest = sample.generate(out, files=files, rows=rows, seed=seed, defects=defects,
+                                   first_number=first_number, visitors=visitors)
+        for name in manifest["files"]:
+            self.upload(out / name, name)
+        manifest["dir"] = out
+        return manifest
+
+    def upload(self, source: Path, name: str) -> None:
+        self.remote_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, self.remote_dir / name)
+
+    def truth(self, *manifests: dict) -> pl.DataFrame:
+        return pl.concat([pl.read_parquet(m["dir"] / "truth.parquet") for m in manifests])
+
+    def remote_reports(self) -> list[str]:
+        return sorted(p.name for p in self.remote_dir.glob("report_*.txt"))
+
+    def local_files(self) -> list[Path]:
+        return [p for p in self.download_dir.rglob("*") if p.is_file()] if self.download_dir.exists() else []
+
+    def zip_members(self) -> dict[str, bytes]:
+        members: dict[str, bytes] = {}
+        for path in sorted(self.backup_dir.glob("visitas_*.zip")):
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    members[f"{path.name}:{name}"] = archive.read(name)
+        return members
+
+    # ------------------------------------------------------------------ database
+
+    def query(self, text: str, params: tuple = ()) -> list[tuple]:
+        with psycopg.connect(self.dsn) as conn:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+            return conn.execute(text, params).fetchall()
+
+    def execute(self, text: str) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+            conn.execute(text)
+
+    def visitors(self) -> pl.DataFrame:
+        rows = self.query("SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales,"
+                          " visitas_anio_actual, visitas_mes_actual FROM visitor ORDER BY email")
+        return pl.DataFrame(rows, orient="row", schema={
+            "email": pl.String, "fecha_primera_visita": pl.Date, "fecha_ultima_visita": pl.Date,
+            "visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64,
+            "visitas_mes_actual": pl.Int64})
+
+    def loads(self) -> list[tuple]:
+        return self.query("SELECT file_name, status, rows_read, rows_loaded, rows_rejected"
+                          " FROM load_log ORDER BY id")
+
+
+def expected_visitors(truth: pl.DataFrame) -> pl.DataFrame:
+    from visitas import visitors
+
+    return visitors.visitor_rule(truth.select("email", "sent_at").lazy()).collect()
+
+
+def start_sftp(kind: str, tmp: Path, keys: devservers.SshKeys, password: str = ""):
+    """(server, sftp cfg, remote_dir) for the embedded server or OpenSSH's sshd."""
+    if kind == "asyncssh":
+        root = tmp / "sftp-root"
+        server = devservers.SftpServer(root, keys, username="vinkos", password=password).start()
+        remote_dir = root / REMOTE_DIR
+        cfg = {"host": "127.0.0.1", "port": server.port, "username": "vinkos",
+               "key_file": keys.client_key,
+               "known_hosts": keys.write_known_hosts(tmp / "known_hosts", server.port)}
+        return server, cfg, remote_dir, "/" + REMOTE_DIR
+    server = devservers.OpenSshServer(tmp, keys).start()
+    remote_dir = tmp / "openssh-remote"
+    import getpass
+
+    cfg = {"host": "127.0.0.1", "port": server.port, "username": getpass.getuser(),
+           "key_file": keys.client_key,
+           "known_hosts": keys.write_known_hosts(tmp / "known_hosts", server.port)}
+    return server, cfg, remote_dir, str(remote_dir)

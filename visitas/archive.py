@@ -1,0 +1,106 @@
+"""The dated backup zip: files go in whole and verified before anything is deleted at the source.
+
+``backup_dir/visitas_YYYYMMDD.zip`` collects every file handled on that run date: loaded files at the
+top, ``rejected/`` and ``duplicate/`` ones in folders.  A member is added to a copy of the zip, the
+copy is fsync'd, the new member is read back and its sha256 compared with the loaded file's, and
+only then does the copy replace the zip (atomic rename): a crash at any point leaves the previous
+zip intact, and a second run on the same day adds to it instead of overwriting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_READ = 1024 * 1024
+
+
+class ArchiveError(Exception):
+    """The archive could not be written or verified: nothing may be deleted at the source."""
+
+
+def zip_name(run_date: dt.date) -> str:
+    return f"visitas_{run_date:%Y%m%d}.zip"
+
+
+def member_sha256(archive: zipfile.ZipFile, member: str) -> str:
+    digest = hashlib.sha256()
+    with archive.open(member) as handle:  # also checks the CRC
+        for chunk in iter(lambda: handle.read(_READ), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One writer per zip on this host (several Luigi workers may archive at once)."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: str,
+                   sha256: str, level: int = 1) -> str:
+    """Add ``source`` as ``member`` of the run date's zip; return ``zipname:member``.
+
+    Idempotent: a member with the same name and content is not added twice.  A different
+    content under the same name is kept too, under ``member.<sha8>``.
+    """
+    backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = backup_dir / zip_name(run_date)
+    with _exclusive(backup_dir / f".{target.name}.lock"):
+        if target.exists():
+            with zipfile.ZipFile(target) as existing:
+                names = set(existing.namelist())
+                if member in names and member_sha256(existing, member) == sha256:
+                    log.info("%s is already in %s", member, target.name)
+                    return f"{target.name}:{member}"
+                if member in names:
+                    member = f"{member}.{sha256[:8]}"
+                    if member in names and member_sha256(existing, member) == sha256:
+                        return f"{target.name}:{member}"
+        partial = backup_dir / f".{target.name}.{os.getpid()}.partial"
+        try:
+            if target.exists():
+                shutil.copyfile(target, partial)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+            os.chmod(partial, 0o600)
+            with zipfile.ZipFile(partial, "a", compression=zipfile.ZIP_DEFLATED,
+                                 compresslevel=level) as archive:
+                archive.write(source, arcname=member)
+            _fsync(partial)
+            with zipfile.ZipFile(partial) as archive:
+                got = member_sha256(archive, member)
+            if got != sha256:
+                raise ArchiveError(f"{member} in {target.name} reads back with sha256 {got[:12]}…,"
+                                   f" expected {sha256[:12]}…")
+            os.replace(partial, target)
+            _fsync(backup_dir)
+        except OSError as error:
+            raise ArchiveError(f"cannot write {target}: {error}") from error
+        finally:
+            partial.unlink(missing_ok=True)
+    log.info("archived %s into %s", member, target)
+    return f"{target.name}:{member}"

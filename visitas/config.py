@@ -1,0 +1,83 @@
+"""Configuration: one ``luigi.Config`` class per section of ``luigi.cfg``.
+
+Secrets (passwords, DSN) come from ``${ENV}`` references in the cfg file or from environment
+variables; their parameters are private so luigid never shows them.  The class names are the
+section names, as Luigi requires.
+"""
+
+from __future__ import annotations
+
+import os
+
+import luigi
+from luigi.parameter import ParameterVisibility
+
+PRIVATE = ParameterVisibility.PRIVATE
+
+
+class sftp(luigi.Config):  # noqa: N801 - the cfg section is [sftp]
+    host = luigi.Parameter(default="localhost")
+    port = luigi.IntParameter(default=22)
+    username = luigi.Parameter(default="")
+    password = luigi.Parameter(default="", visibility=PRIVATE, significant=False)
+    key_file = luigi.Parameter(default="", description="private key for key authentication")
+    key_passphrase = luigi.Parameter(default="", visibility=PRIVATE, significant=False)
+    known_hosts = luigi.Parameter(default="~/.ssh/known_hosts",
+                                  description="host keys; an unknown or changed key is refused")
+    remote_dir = luigi.Parameter(default="/home/vinkOS/archivosVisitas")
+    pattern = luigi.Parameter(default="report_*.txt")
+    timeout = luigi.FloatParameter(default=30.0, description="connect and channel timeout, seconds")
+
+
+class postgres(luigi.Config):  # noqa: N801
+    dsn = luigi.Parameter(default="", visibility=PRIVATE, significant=False,
+                          description="libpq DSN; empty means the VISITAS_DSN environment variable")
+    schema = luigi.Parameter(default="public")
+    lock_wait = luigi.FloatParameter(
+        default=600.0, description="seconds to wait for a file locked by another worker or host")
+
+    def resolved_dsn(self) -> str:
+        return self.dsn or os.environ.get("VISITAS_DSN", "")
+
+
+class paths(luigi.Config):  # noqa: N801
+    download_dir = luigi.Parameter(default="/tmp/visitas")
+    backup_dir = luigi.Parameter(default="/home/etl/visitas/bckp")
+    state_dir = luigi.Parameter(default="", description="intermediate files and task markers;"
+                                                        " default: download_dir + '-state'")
+
+    def resolved_state_dir(self) -> str:
+        return self.state_dir or self.download_dir.rstrip("/") + "-state"
+
+
+class notify(luigi.Config):  # noqa: N801
+    smtp_host = luigi.Parameter(default="")
+    smtp_port = luigi.IntParameter(default=25)
+    smtp_user = luigi.Parameter(default="")
+    smtp_password = luigi.Parameter(default="", visibility=PRIVATE, significant=False)
+    smtp_starttls = luigi.BoolParameter(default=False)
+    sender = luigi.Parameter(default="visitas@localhost")
+    recipients = luigi.Parameter(default="", description="comma-separated; empty: no mail")
+    send_always = luigi.BoolParameter(default=False, description="mail after every run, not only on problems")
+    max_attachment_rows = luigi.IntParameter(default=10000)
+
+
+class load(luigi.Config):  # noqa: N801
+    truncate_each_run = luigi.BoolParameter(
+        default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="empty statistics and errors once per run date before loading")
+    batch_mb = luigi.IntParameter(default=32, description="MiB of the file read per batch")
+    zip_level = luigi.IntParameter(default=1, description="deflate level of the backup zip (1-9)")
+
+
+class retry(luigi.Config):  # noqa: N801
+    attempts = luigi.IntParameter(default=5, description="tries of one SFTP or database operation")
+    first_delay = luigi.FloatParameter(default=1.0, description="seconds before the 2nd try; doubles")
+    max_delay = luigi.FloatParameter(default=30.0)
+
+
+class logfile(luigi.Config):  # noqa: N801 - [log] would clash with Luigi's --log-level
+    path = luigi.Parameter(default="logs/visitas.log", description="rotating log file; empty: none")
+    level = luigi.Parameter(default="INFO")
+    max_mb = luigi.IntParameter(default=20)
+    backups = luigi.IntParameter(default=10)

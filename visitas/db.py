@@ -1,0 +1,432 @@
+"""PostgreSQL through psycopg 3: schema, exactly-once loads, the load log, the visitor merge.
+
+One file = one transaction: its statistics, errors, visitor updates and its ``load_log`` row (the
+completion marker of LoadPostgres) commit together or not at all.  Bulk paths only: COPY for
+statistics, errors and the staged monthly visits; visitors are merged set-wise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import luigi
+import polars as pl
+import psycopg
+from psycopg import sql
+
+from visitas import retrying
+from visitas.copy_format import copy_lines
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 1024 * 1024
+STATISTICS_COLUMNS = (
+    "email", "jyv", "badmail", "baja", "fecha_envio", "fecha_open", "opens", "opens_virales",
+    "fecha_click", "clicks", "clicks_virales", "links", "ips", "navegadores", "plataformas",
+    "source_file", "line_no",
+)
+ERROR_COLUMNS = ("source_file", "line_no", "column_name", "reason", "message", "raw_line")
+MONTHLY_COLUMNS = ("email", "visit_month", "visit_count", "first_visit", "last_visit")
+
+# Advisory lock keys (first int of the two-int form): one namespace per purpose.
+LOCK_SCHEMA, LOCK_FILE, LOCK_VISITORS, LOCK_RUN = 7301, 7302, 7303, 7304
+
+SCHEMA_DDL = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.load_log (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    file_name       text        NOT NULL,
+    sha256          text        NOT NULL,
+    size_bytes      bigint      NOT NULL,
+    run_date        date        NOT NULL,
+    run_id          text,
+    host            text,
+    status          text        NOT NULL CHECK (status IN ('loaded', 'rejected', 'duplicate')),
+    duplicate_of    bigint REFERENCES {schema}.load_log (id),
+    rows_read       bigint      NOT NULL DEFAULT 0,
+    rows_loaded     bigint      NOT NULL DEFAULT 0,
+    rows_rejected   bigint      NOT NULL DEFAULT 0,
+    error_count     bigint      NOT NULL DEFAULT 0,
+    encoding        text,
+    reason          text,
+    message         text,
+    warnings        jsonb       NOT NULL DEFAULT '{{}}',
+    visitors        bigint      NOT NULL DEFAULT 0,
+    backup_archive  text,
+    started_at      timestamptz NOT NULL,
+    finished_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    archived_at     timestamptz,
+    source_removed_at timestamptz,
+    CHECK (rows_read = rows_loaded + rows_rejected)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS load_log_loaded_once ON {schema}.load_log (sha256)
+    WHERE status = 'loaded';
+CREATE INDEX IF NOT EXISTS load_log_file ON {schema}.load_log (file_name, sha256);
+CREATE INDEX IF NOT EXISTS load_log_run_date ON {schema}.load_log (run_date);
+CREATE TABLE IF NOT EXISTS {schema}.run_log (
+    run_date    date PRIMARY KEY,
+    prepared_at timestamptz NOT NULL DEFAULT now(),
+    truncated   boolean     NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {schema}.statistics (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    email          text NOT NULL,
+    jyv            text,
+    badmail        text,
+    baja           text,
+    fecha_envio    timestamp NOT NULL,
+    fecha_open     timestamp,
+    fecha_click    timestamp,
+    opens          bigint,
+    opens_virales  bigint,
+    clicks         bigint,
+    clicks_virales bigint,
+    links          text[],
+    ips            text[],
+    navegadores    text[],
+    plataformas    text[],
+    source_file    text   NOT NULL,
+    line_no        bigint NOT NULL,
+    load_id        bigint NOT NULL DEFAULT current_setting('visitas.load_id')::bigint
+);
+CREATE TABLE IF NOT EXISTS {schema}.errors (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source_file text   NOT NULL,
+    line_no     bigint NOT NULL,
+    column_name text   NOT NULL,
+    reason      text   NOT NULL,
+    message     text   NOT NULL,
+    raw_line    text,
+    load_id     bigint NOT NULL DEFAULT current_setting('visitas.load_id')::bigint,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {schema}.visitor_month (
+    email       text   NOT NULL,
+    visit_month date   NOT NULL,
+    visit_count bigint NOT NULL,
+    first_visit date   NOT NULL,
+    last_visit  date   NOT NULL,
+    PRIMARY KEY (email, visit_month)
+);
+CREATE TABLE IF NOT EXISTS {schema}.visitor (
+    email                text PRIMARY KEY,
+    fecha_primera_visita date   NOT NULL,
+    fecha_ultima_visita  date   NOT NULL,
+    visitas_totales      bigint NOT NULL,
+    visitas_anio_actual  bigint NOT NULL,
+    visitas_mes_actual   bigint NOT NULL,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE VIEW {schema}.visitor_today AS
+SELECT email,
+       min(first_visit) AS fecha_primera_visita,
+       max(last_visit) AS fecha_ultima_visita,
+       sum(visit_count)::bigint AS visitas_totales,
+       coalesce(sum(visit_count) FILTER (
+           WHERE date_trunc('year', visit_month) = date_trunc('year', current_date)), 0)::bigint
+           AS visitas_anio_actual,
+       coalesce(sum(visit_count) FILTER (
+           WHERE visit_month = date_trunc('month', current_date)::date), 0)::bigint
+           AS visitas_mes_actual
+FROM {schema}.visitor_month
+GROUP BY email;
+"""
+
+# Visitor counters of the staged emails, recomputed from visitor_month (the rule in visitors.py).
+VISITOR_MERGE = """
+INSERT INTO {schema}.visitor AS v (email, fecha_primera_visita, fecha_ultima_visita,
+    visitas_totales, visitas_anio_actual, visitas_mes_actual, updated_at)
+SELECT email, min(first_visit), max(last_visit), sum(visit_count),
+       sum(visit_count) FILTER (WHERE date_trunc('year', visit_month) = date_trunc('year', latest)),
+       sum(visit_count) FILTER (WHERE visit_month = date_trunc('month', latest)::date),
+       now()
+FROM (
+    SELECT m.*, max(m.last_visit) OVER (PARTITION BY m.email) AS latest
+    FROM {schema}.visitor_month m
+    WHERE m.email IN (SELECT email FROM visitas_stage)
+) AS months
+GROUP BY email
+ORDER BY email
+ON CONFLICT (email) DO UPDATE SET
+    fecha_primera_visita = excluded.fecha_primera_visita,
+    fecha_ultima_visita = excluded.fecha_ultima_visita,
+    visitas_totales = excluded.visitas_totales,
+    visitas_anio_actual = excluded.visitas_anio_actual,
+    visitas_mes_actual = excluded.visitas_mes_actual,
+    updated_at = excluded.updated_at
+"""
+
+MONTH_MERGE = """
+INSERT INTO {schema}.visitor_month AS m (email, visit_month, visit_count, first_visit, last_visit)
+SELECT email, visit_month, visit_count, first_visit, last_visit
+FROM visitas_stage ORDER BY email, visit_month
+ON CONFLICT (email, visit_month) DO UPDATE SET
+    visit_count = m.visit_count + excluded.visit_count,
+    first_visit = least(m.first_visit, excluded.first_visit),
+    last_visit = greatest(m.last_visit, excluded.last_visit)
+"""
+
+
+def _q(template: str, schema: str) -> sql.Composed:
+    return sql.SQL(template).format(schema=sql.Identifier(schema))
+
+
+def lock_key(text: str) -> int:
+    """A stable signed 32-bit key for the two-int advisory lock form."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big", signed=True)
+
+
+class Database:
+    """A connection to the visitas schema, reconnecting (with backoff) after an outage."""
+
+    def __init__(self, dsn: str, schema: str = "public", retry: dict | None = None,
+                 lock_wait: float = 600.0):
+        if not dsn:
+            raise ValueError("no PostgreSQL DSN: set [postgres] dsn or VISITAS_DSN")
+        self._dsn = dsn
+        self.schema = schema
+        self.retry = retry or {}
+        self.lock_wait = lock_wait
+        self._conn: psycopg.Connection | None = None
+        self._schema_ready = False
+
+    @classmethod
+    def from_config(cls) -> "Database":
+        from visitas.config import postgres
+
+        cfg = postgres()
+        return cls(cfg.resolved_dsn(), cfg.schema, retrying.from_config(), cfg.lock_wait)
+
+    def __repr__(self) -> str:  # never the DSN: it may hold a password
+        return f"Database(schema={self.schema!r})"
+
+    def q(self, template: str) -> sql.Composed:
+        return _q(template, self.schema)
+
+    def connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self.close()
+            self._conn = psycopg.connect(self._dsn, connect_timeout=10,
+                                         application_name="visitas")
+            if not self._schema_ready:
+                self._ensure_schema(self._conn)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+        self._conn = None
+
+    def _ensure_schema(self, conn: psycopg.Connection) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_SCHEMA,))
+            conn.execute(self.q(SCHEMA_DDL))
+        self._schema_ready = True
+
+    def run(self, what: str, work: Callable[[psycopg.Connection], object]):
+        """Run ``work(conn)`` in one transaction, retried whole on a connection failure."""
+
+        def attempt():
+            conn = self.connection()
+            with conn.transaction():
+                return work(conn)
+
+        return retrying.retry_call(what, attempt, on_retry=self.close, **self.retry)
+
+    # ------------------------------------------------------------------ markers
+
+    def load_recorded(self, file_name: str, sha256: str, run_date: dt.date) -> bool:
+        """LoadPostgres's marker: this content under this name was handled (and is not yet
+        archived, or was handled by this run date)."""
+        row = self.run("checking load_log", lambda conn: conn.execute(self.q(
+            "SELECT 1 FROM {schema}.load_log WHERE file_name = %s AND sha256 = %s"
+            " AND (run_date = %s OR archived_at IS NULL) LIMIT 1"),
+            (file_name, sha256, run_date)).fetchone())
+        return row is not None
+
+    def run_prepared(self, run_date: dt.date) -> bool:
+        row = self.run("checking run_log", lambda conn: conn.execute(
+            self.q("SELECT 1 FROM {schema}.run_log WHERE run_date = %s"), (run_date,)).fetchone())
+        return row is not None
+
+    def prepare_run(self, run_date: dt.date, truncate: bool) -> bool:
+        """Once per run date: empty statistics and errors (if configured). True if done now."""
+
+        def prepare(conn: psycopg.Connection) -> bool:
+            conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_RUN,))
+            inserted = conn.execute(self.q(
+                "INSERT INTO {schema}.run_log (run_date, truncated) VALUES (%s, %s)"
+                " ON CONFLICT (run_date) DO NOTHING RETURNING run_date"), (run_date, truncate)).fetchone()
+            if inserted and truncate:
+                conn.execute(self.q("TRUNCATE {schema}.statistics, {schema}.errors"))
+            return inserted is not None
+
+        done = self.run(f"preparing run {run_date}", prepare)
+        if done:
+            log.info("run %s prepared%s", run_date, ": statistics and errors emptied" if truncate else "")
+        return done
+
+    # ------------------------------------------------------------------ the load
+
+    def load_file(self, split_dir: Path, summary: dict, run_date: dt.date, run_id: str,
+                  started_at: dt.datetime) -> dict:
+        """Load one file's split outputs in one transaction; returns its load_log row."""
+        return self.run(f"loading {summary['source_file']}",
+                        lambda conn: self._load(conn, split_dir, summary, run_date, run_id, started_at))
+
+    def _load(self, conn: psycopg.Connection, split_dir: Path, summary: dict, run_date: dt.date,
+              run_id: str, started_at: dt.datetime) -> dict:
+        name, sha = summary["source_file"], summary["sha256"]
+        self._lock_file(conn, sha, name)
+        existing = conn.execute(self.q(
+            "SELECT id, file_name, run_date, status FROM {schema}.load_log WHERE sha256 = %s"
+            " ORDER BY (status = 'loaded') DESC, id LIMIT 1"), (sha,)).fetchone()
+        same = conn.execute(self.q(
+            "SELECT id FROM {schema}.load_log WHERE file_name = %s AND sha256 = %s"
+            " AND (run_date = %s OR archived_at IS NULL) LIMIT 1"), (name, sha, run_date)).fetchone()
+        if same:  # another worker or host finished it while we waited for the lock
+            log.info("%s was already handled (load_log id %s): nothing to do", name, same[0])
+            return self._log_row(conn, same[0])
+        common = dict(file_name=name, sha256=sha, size_bytes=summary["size"], run_date=run_date,
+                      run_id=run_id, host=socket.gethostname(), encoding=summary.get("encoding"),
+                      started_at=started_at, rows_read=summary["rows_read"])
+        if existing and existing[3] == "loaded":
+            load_id = self._insert_log(conn, status="duplicate", duplicate_of=existing[0],
+                                       reason="duplicate",
+                                       message=f"same content as {existing[1]} (run {existing[2]},"
+                                               f" load_log id {existing[0]}); not loaded again",
+                                       **{**common, "rows_read": 0})
+            log.warning("%s is a duplicate of %s (sha256 %s…): not loaded", name, existing[1], sha[:12])
+            return self._log_row(conn, load_id)
+        status = "rejected" if summary["status"] == "rejected" else "loaded"
+        load_id = self._insert_log(
+            conn, status=status, rows_loaded=summary["rows_loaded"],
+            rows_rejected=summary["rows_rejected"], error_count=summary["error_count"],
+            reason=summary.get("reason"), message=summary.get("message"),
+            warnings=json.dumps(summary.get("warnings", {})), visitors=summary.get("visitors", 0),
+            **common)
+        conn.execute("SELECT set_config('visitas.load_id', %s, true)", (str(load_id),))
+        self._copy_file(conn, "statistics", STATISTICS_COLUMNS, split_dir / "statistics.copy")
+        self._copy_file(conn, "errors", ERROR_COLUMNS, split_dir / "errors.copy")
+        self._merge_visitors(conn, split_dir / "monthly.parquet")
+        conn.execute(self.q("UPDATE {schema}.load_log SET finished_at = clock_timestamp() WHERE id = %s"),
+                     (load_id,))
+        return self._log_row(conn, load_id)
+
+    def _lock_file(self, conn: psycopg.Connection, sha: str, name: str) -> None:
+        """Per-file advisory lock (transaction-scoped): other files load in parallel."""
+        key = lock_key(sha)
+        got = conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_FILE, key)).fetchone()[0]
+        if got:
+            return
+        log.info("%s is being loaded by another worker or host: waiting up to %.0fs for it",
+                 name, self.lock_wait)
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+            sql.Literal(f"{int(self.lock_wait * 1000)}ms")))
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_FILE, key))
+        conn.execute("SET LOCAL lock_timeout = 0")
+
+    def _insert_log(self, conn: psycopg.Connection, **values) -> int:
+        columns = list(values)
+        query = sql.SQL("INSERT INTO {table} ({columns}) VALUES ({values}) RETURNING id").format(
+            table=sql.Identifier(self.schema, "load_log"),
+            columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            values=sql.SQL(", ").join(sql.Placeholder() * len(columns)))
+        return conn.execute(query, list(values.values())).fetchone()[0]
+
+    def _log_row(self, conn: psycopg.Connection, load_id: int) -> dict:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        return cur.execute(self.q("SELECT * FROM {schema}.load_log WHERE id = %s"), (load_id,)).fetchone()
+
+    def _copy_file(self, conn: psycopg.Connection, table: str, columns: tuple[str, ...],
+                   path: Path) -> None:
+        query = sql.SQL("COPY {table} ({columns}) FROM STDIN").format(
+            table=sql.Identifier(self.schema, table),
+            columns=sql.SQL(", ").join(map(sql.Identifier, columns)))
+        with conn.cursor().copy(query) as copy, open(path, "rb") as handle:
+            while chunk := handle.read(COPY_CHUNK):
+                copy.write(chunk)
+
+    def _merge_visitors(self, conn: psycopg.Connection, monthly_path: Path) -> None:
+        monthly = pl.read_parquet(monthly_path)
+        if monthly.height == 0:
+            return
+        conn.execute(self.q(
+            "CREATE TEMP TABLE IF NOT EXISTS visitas_stage"
+            " (LIKE {schema}.visitor_month) ON COMMIT DELETE ROWS"))
+        with conn.cursor().copy(sql.SQL("COPY visitas_stage ({}) FROM STDIN").format(
+                sql.SQL(", ").join(map(sql.Identifier, MONTHLY_COLUMNS)))) as copy:
+            for start in range(0, monthly.height, 200_000):
+                copy.write(copy_lines(monthly.slice(start, 200_000).select(MONTHLY_COLUMNS)))
+        conn.execute("ANALYZE visitas_stage")
+        # Merges of files that share visitors are serialised (the COPYs above are not): each
+        # merge then sees every committed month, whatever the order of concurrent loads.
+        conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_VISITORS,))
+        conn.execute(self.q(MONTH_MERGE))
+        conn.execute(self.q(VISITOR_MERGE))
+
+    # ------------------------------------------------------------------ archive bookkeeping
+
+    def file_status(self, file_name: str, sha256: str) -> str:
+        """The status of the newest load_log row of this file (loaded, rejected, duplicate)."""
+        row = self.run("reading load_log", lambda conn: conn.execute(self.q(
+            "SELECT status FROM {schema}.load_log WHERE file_name = %s AND sha256 = %s"
+            " ORDER BY id DESC LIMIT 1"), (file_name, sha256)).fetchone())
+        if row is None:
+            raise LookupError(f"{file_name} has no load_log row: it was not loaded")
+        return row[0]
+
+    def mark_archived(self, file_name: str, sha256: str, archive: str) -> None:
+        self.run("recording the archive", lambda conn: conn.execute(self.q(
+            "UPDATE {schema}.load_log SET backup_archive = %s, archived_at = coalesce(archived_at, now())"
+            " WHERE file_name = %s AND sha256 = %s AND source_removed_at IS NULL"),
+            (archive, file_name, sha256)))
+
+    def mark_removed(self, file_name: str, sha256: str) -> None:
+        self.run("recording the removal", lambda conn: conn.execute(self.q(
+            "UPDATE {schema}.load_log SET source_removed_at = now()"
+            " WHERE file_name = %s AND sha256 = %s AND source_removed_at IS NULL"),
+            (file_name, sha256)))
+
+
+_DATABASES: dict[int, Database] = {}
+
+
+def database() -> Database:
+    """This process's database handle (Luigi may fork workers)."""
+    pid = os.getpid()
+    if pid not in _DATABASES:
+        _DATABASES.clear()
+        _DATABASES[pid] = Database.from_config()
+    return _DATABASES[pid]
+
+
+class LoadLogTarget(luigi.Target):
+    """Exists when load_log records this file's content (LoadPostgres's completion marker)."""
+
+    def __init__(self, file_name: str, sha256: str | None, run_date: dt.date):
+        self.file_name, self.sha256, self.run_date = file_name, sha256, run_date
+
+    def exists(self) -> bool:
+        return self.sha256 is not None and database().load_recorded(
+            self.file_name, self.sha256, self.run_date)
+
+
+class RunLogTarget(luigi.Target):
+    """Exists when the run date was prepared (statistics and errors emptied once)."""
+
+    def __init__(self, run_date: dt.date):
+        self.run_date = run_date
+
+    def exists(self) -> bool:
+        return database().run_prepared(self.run_date)

@@ -1,0 +1,79 @@
+"""Logging for visitas: stderr and a rotating file, configured once per process, secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import re
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+_configured = False
+# user:password@ in URIs, and password=... in key/value DSNs
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+(@)|(password\s*=\s*)('[^']*'|\S+)", re.I)
+
+
+def mask(text: str, secrets: list[str] | None = None) -> str:
+    """Replace passwords in DSNs and any of the given secret values with ***."""
+    text = _DSN_PASSWORD.sub(lambda m: (m.group(1) + "***" + m.group(2)) if m.group(1)
+                             else m.group(3) + "***", text)
+    for secret in secrets or []:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def configured_secrets() -> list[str]:
+    """Every secret value in the configuration (so that it can be masked wherever it shows)."""
+    from visitas import config
+
+    values = [config.sftp().password, config.sftp().key_passphrase, config.notify().smtp_password]
+    dsn = config.postgres().resolved_dsn()
+    for match in _DSN_PASSWORD.finditer(dsn):
+        values.append(dsn[match.start(): match.end()].split(":")[-1].split("@")[0]
+                      if match.group(1) else match.group(4).strip("'"))
+    return [v for v in values if v]
+
+
+class SecretFilter(logging.Filter):
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask(message, self.secrets)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def configure() -> None:
+    """Attach handlers to the ``visitas`` logger (and Luigi's, for the file) once."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    from visitas import config
+
+    settings = config.logfile()
+    secret_filter = SecretFilter(configured_secrets())
+    formatter = logging.Formatter(FORMAT)
+    package = logging.getLogger("visitas")
+    package.setLevel(settings.level.upper())
+    package.propagate = False
+    stderr = logging.StreamHandler()
+    handlers: list[logging.Handler] = [stderr]
+    if settings.path:
+        path = Path(settings.path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rotating = logging.handlers.RotatingFileHandler(
+            path, maxBytes=settings.max_mb * 1024 * 1024, backupCount=settings.backups,
+            encoding="utf-8")
+        handlers.append(rotating)
+        for name in ("luigi-interface", "luigi"):
+            logging.getLogger(name).addHandler(rotating)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(secret_filter)
+        package.addHandler(handler)

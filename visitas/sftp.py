@@ -1,0 +1,205 @@
+"""The partner's SFTP server, through paramiko, with host keys always verified."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import os
+import posixpath
+import re
+import stat
+from pathlib import Path
+
+import paramiko
+
+from visitas import retrying
+
+log = logging.getLogger(__name__)
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class UnsafeName(ValueError):
+    """A remote file name that must not become part of a local path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    mtime: int
+
+
+class SftpSource:
+    """One SSH connection to the partner's server (reconnects after an outage)."""
+
+    def __init__(self, host: str, port: int, username: str, *, password: str = "",
+                 key_file: str = "", key_passphrase: str = "", known_hosts: str = "",
+                 remote_dir: str = ".", pattern: str = "report_*.txt", timeout: float = 30.0,
+                 retry: dict | None = None):
+        self.host, self.port, self.username = host, port, username
+        self._password, self._key_file, self._key_passphrase = password, key_file, key_passphrase
+        self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else ""
+        self.remote_dir, self.pattern, self.timeout = remote_dir, pattern, timeout
+        self.retry = retry or {}
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+
+    @classmethod
+    def from_config(cls) -> "SftpSource":
+        from visitas.config import sftp
+
+        cfg = sftp()
+        return cls(cfg.host, cfg.port, cfg.username, password=cfg.password, key_file=cfg.key_file,
+                   key_passphrase=cfg.key_passphrase, known_hosts=cfg.known_hosts,
+                   remote_dir=cfg.remote_dir, pattern=cfg.pattern, timeout=cfg.timeout,
+                   retry=retrying.from_config())
+
+    def __repr__(self) -> str:  # never the password
+        return f"SftpSource({self.username}@{self.host}:{self.port}{self.remote_dir})"
+
+    # ------------------------------------------------------------------ connection
+
+    def _connect(self) -> paramiko.SFTPClient:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        if not self.known_hosts or not os.path.exists(self.known_hosts):
+            raise FileNotFoundError(
+                f"known_hosts file {self.known_hosts or '(not set)'} not found: the server's host "
+                "key cannot be verified (add it with ssh-keyscan, see README)")
+        client.load_host_keys(self.known_hosts)
+        pkey = None
+        if self._key_file:
+            pkey = paramiko.PKey.from_path(os.path.expanduser(self._key_file),
+                                           self._key_passphrase or None)
+        try:
+            client.connect(
+                self.host, port=self.port, username=self.username,
+                password=self._password or None, pkey=pkey, timeout=self.timeout,
+                banner_timeout=self.timeout, auth_timeout=self.timeout, channel_timeout=self.timeout,
+                allow_agent=False, look_for_keys=False)
+        except paramiko.SSHException as error:
+            client.close()
+            if "not found in known_hosts" in str(error):
+                raise UnknownHostKey(self.host, self.port, self.known_hosts) from None
+            raise
+        sftp = client.open_sftp()
+        sftp.get_channel().settimeout(self.timeout)
+        self._client, self._sftp = client, sftp
+        log.info("connected to SFTP %s@%s:%d", self.username, self.host, self.port)
+        return sftp
+
+    def _session(self) -> paramiko.SFTPClient:
+        transport = self._client.get_transport() if self._client else None
+        if self._sftp is None or transport is None or not transport.is_active():
+            self.close()
+            return self._connect()
+        return self._sftp
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = self._sftp = None
+
+    def _call(self, what: str, operation):
+        return retrying.retry_call(what, lambda: operation(self._session()),
+                                   on_retry=self.close, **self.retry)
+
+    # ------------------------------------------------------------------ operations
+
+    def remote_path(self, name: str) -> str:
+        return posixpath.join(self.remote_dir, name)
+
+    def list_reports(self) -> list[RemoteFile]:
+        """Regular files in ``remote_dir`` matching ``pattern``; never follows links."""
+
+        def listing(sftp: paramiko.SFTPClient) -> list[RemoteFile]:
+            found = []
+            for entry in sftp.listdir_attr(self.remote_dir):
+                if not fnmatch.fnmatchcase(entry.filename, self.pattern):
+                    continue
+                attrs = sftp.lstat(self.remote_path(entry.filename))
+                if not stat.S_ISREG(attrs.st_mode or 0):
+                    log.warning("skipping %s: not a regular file (a directory or a link)",
+                                entry.filename)
+                    continue
+                if not SAFE_NAME.match(entry.filename):
+                    log.warning("refusing %r: characters outside [A-Za-z0-9._-]", entry.filename)
+                    continue
+                found.append(RemoteFile(entry.filename, attrs.st_size or 0, attrs.st_mtime or 0))
+            return sorted(found, key=lambda f: _natural_key(f.name))
+
+        return self._call(f"listing {self.remote_dir}", listing)
+
+    def size_of(self, name: str) -> int:
+        return self._call(f"stat {name}", lambda sftp: sftp.lstat(self.remote_path(name)).st_size)
+
+    def download(self, name: str, local_path: Path) -> int:
+        """Download to a temporary name beside ``local_path``, check the size, rename into place."""
+        check_safe(name)
+        local_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = local_path.with_name(f".{local_path.name}.part-{os.getpid()}")
+
+        def get(sftp: paramiko.SFTPClient) -> int:
+            expected = sftp.lstat(self.remote_path(name)).st_size
+            try:
+                sftp.get(self.remote_path(name), str(partial))  # prefetching, full speed
+                os.chmod(partial, 0o600)
+                got = partial.stat().st_size
+                if got != expected:
+                    raise EOFError(f"download of {name} is incomplete: {got} of {expected} bytes")
+                with open(partial, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(partial, local_path)
+                return got
+            finally:
+                partial.unlink(missing_ok=True)
+
+        size = self._call(f"download {name}", get)
+        log.info("downloaded %s (%d bytes)", name, size)
+        return size
+
+    def remove(self, name: str) -> bool:
+        """Delete a file at the source; ``False`` if it was already gone."""
+        check_safe(name)
+
+        def delete(sftp: paramiko.SFTPClient) -> bool:
+            try:
+                sftp.remove(self.remote_path(name))
+                return True
+            except FileNotFoundError:
+                return False
+
+        removed = self._call(f"delete {name}", delete)
+        log.info("%s %s at the source", "deleted" if removed else "already gone:", name)
+        return removed
+
+
+class UnknownHostKey(retrying.PermanentError, paramiko.SSHException):
+    def __init__(self, host: str, port: int, known_hosts: str):
+        super().__init__(
+            f"host key of {host}:{port} is not in {known_hosts}: refusing to connect "
+            "(verify the key with the partner and add it, see README)")
+
+
+def check_safe(name: str) -> str:
+    if not SAFE_NAME.match(name) or name in (".", ".."):
+        raise UnsafeName(f"refusing remote file name {name!r}: only [A-Za-z0-9._-] are allowed")
+    return name
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+_SOURCES: dict[int, SftpSource] = {}
+
+
+def source() -> SftpSource:
+    """This process's connection (Luigi may fork workers; connections do not cross a fork)."""
+    pid = os.getpid()
+    if pid not in _SOURCES:
+        _SOURCES.clear()
+        _SOURCES[pid] = SftpSource.from_config()
+    return _SOURCES[pid]

@@ -1,0 +1,196 @@
+"""The Luigi task graph, one class per step.
+
+    RunAll(date) ─► ArchiveZip ─► LoadPostgres ─► SplitVisitorStats ─► ValidateReport ─► DownloadReport
+                                      └─► PrepareRun(date)
+
+There is one chain per remote file (``DownloadReport`` is the per-file form of the design's
+DownloadReports), so files are independent: a bad file never blocks a good one, and several
+workers or hosts can share a day's files.  Every output is a target, so a rerun skips what is done.
+Only the run date and the file name are task parameters: no secret ever reaches luigid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import luigi
+
+from visitas import archive, config, db, processing, sftp
+from visitas.runinfo import RUN_ID
+
+log = logging.getLogger(__name__)
+
+
+class VisitasTask(luigi.Task):
+    """Shared by every step: the run date and where its files live."""
+
+    date = luigi.DateParameter(default=dt.date.today())
+
+    def day_dir(self, root: str) -> Path:
+        return Path(root) / f"{self.date:%Y%m%d}"
+
+    def state_root(self) -> Path:
+        return self.day_dir(config.paths().resolved_state_dir())
+
+
+class FileTask(VisitasTask):
+    """A step applied to one remote file."""
+
+    file_name = luigi.Parameter()
+
+    def file_state(self, *parts: str) -> Path:
+        return self.state_root().joinpath(sftp.check_safe(self.file_name), *parts)
+
+    def download_path(self) -> Path:
+        return self.day_dir(config.paths().download_dir) / sftp.check_safe(self.file_name)
+
+    def verdict(self) -> dict | None:
+        path = self.file_state("checked", processing.VERDICT_FILE)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def summary(self) -> dict:
+        return json.loads(self.file_state("split", "summary.json").read_text())
+
+
+class DownloadReport(FileTask):
+    """Fetch one report: temporary name, size checked against the server, then renamed."""
+
+    def output(self):
+        return luigi.LocalTarget(str(self.download_path()))
+
+    def run(self):
+        self.set_status_message(f"downloading {self.file_name}")
+        sftp.source().download(self.file_name, self.download_path())
+
+
+class ValidateReport(FileTask):
+    """File- and row-level checks; typed rows in bounded batches."""
+
+    def requires(self):
+        return DownloadReport(date=self.date, file_name=self.file_name)
+
+    def output(self):
+        return luigi.LocalTarget(str(self.file_state("checked")))
+
+    def run(self):
+        batch = config.load().batch_mb * 1024 * 1024
+        with self.output().temporary_path() as tmp:
+            verdict = processing.validate_report(Path(self.input().path), self.file_name, Path(tmp),
+                                                 batch, progress=self._progress)
+        self.set_status_message(f"{verdict.rows_read} rows read, {verdict.rows_rejected} rejected"
+                                if verdict.status == "valid" else f"rejected: {verdict.message}")
+
+    def _progress(self, done: int, total: int) -> None:
+        self.set_progress_percentage(round(100 * done / max(total, 1)))
+        self.set_status_message(f"validated {done // 1048576} of {total // 1048576} MiB")
+
+
+class SplitVisitorStats(FileTask):
+    """Checked rows -> COPY-ready statistics and errors, and visits per visitor and month."""
+
+    def requires(self):
+        return ValidateReport(date=self.date, file_name=self.file_name)
+
+    def output(self):
+        return luigi.LocalTarget(str(self.file_state("split")))
+
+    def run(self):
+        with self.output().temporary_path() as tmp:
+            summary = processing.split_report(Path(self.input().path), self.file_name, Path(tmp))
+        self.set_status_message(f"{summary['rows_loaded']} statistics rows, "
+                                f"{summary['error_count']} errors, {summary['visitors']} visitors")
+
+
+class PrepareRun(VisitasTask):
+    """Once per run date: empty statistics and errors (``[load] truncate_each_run``)."""
+
+    def output(self):
+        return db.RunLogTarget(self.date)
+
+    def run(self):
+        db.database().prepare_run(self.date, config.load().truncate_each_run)
+
+
+class LoadPostgres(FileTask):
+    """One transaction per file: rows, errors, visitors and the load_log row (the marker)."""
+
+    def requires(self):
+        return {"split": SplitVisitorStats(date=self.date, file_name=self.file_name),
+                "run": PrepareRun(date=self.date)}
+
+    def output(self):
+        verdict = self.verdict()
+        return db.LoadLogTarget(self.file_name, verdict and verdict["sha256"], self.date)
+
+    def run(self):
+        started_at = dt.datetime.now(dt.timezone.utc)
+        self.set_status_message(f"loading {self.file_name}")
+        row = db.database().load_file(Path(self.input()["split"].path), self.summary(), self.date,
+                                      RUN_ID, started_at)
+        self.set_status_message(f"{row['status']}: {row['rows_loaded']} rows loaded, "
+                                f"{row['rows_rejected']} rejected")
+        log.info("%s %s: %d rows read, %d loaded, %d rejected (load_log id %d)", self.file_name,
+                 row["status"], row["rows_read"], row["rows_loaded"], row["rows_rejected"], row["id"])
+
+
+class ArchiveZip(FileTask):
+    """Zip, fsync and verify; only then delete at the source and locally."""
+
+    def requires(self):
+        return LoadPostgres(date=self.date, file_name=self.file_name)
+
+    def output(self):
+        return luigi.LocalTarget(str(self.state_root() / "archived" / f"{self.file_name}.json"))
+
+    def run(self):
+        database = db.database()
+        sha = self.verdict()["sha256"]
+        status = database.file_status(self.file_name, sha)
+        member = self.file_name if status == "loaded" else f"{status}/{self.file_name}"
+        self.set_status_message(f"archiving {member}")
+        where = archive.add_to_archive(Path(config.paths().backup_dir), self.date,
+                                       self.download_path(), member, sha, config.load().zip_level)
+        database.mark_archived(self.file_name, sha, where)
+        source = sftp.source()
+        removed = False
+        if self._unchanged_at_source(source):
+            removed = source.remove(self.file_name)
+            database.mark_removed(self.file_name, sha)
+        self._clean_local()
+        with self.output().temporary_path() as tmp:
+            Path(tmp).write_text(json.dumps({"archive": where, "status": status, "sha256": sha,
+                                             "removed_at_source": removed}))
+
+    def _unchanged_at_source(self, source: sftp.SftpSource) -> bool:
+        """Never delete a file the partner replaced after we downloaded it."""
+        local_size = self.download_path().stat().st_size
+        try:
+            remote_size = source.size_of(self.file_name)
+        except FileNotFoundError:
+            return True  # already gone (another worker or host removed it)
+        if remote_size != local_size:
+            log.warning("%s changed at the source since it was downloaded (%d -> %d bytes): "
+                        "left there for the next run", self.file_name, local_size, remote_size)
+            return False
+        return True
+
+    def _clean_local(self) -> None:
+        self.download_path().unlink(missing_ok=True)
+        shutil.rmtree(self.file_state(), ignore_errors=True)
+
+
+class RunAll(luigi.WrapperTask):
+    """Everything for one run date: every report currently on the server, each to the end."""
+
+    date = luigi.DateParameter(default=dt.date.today())
+
+    def requires(self):
+        if not hasattr(self, "_reports"):
+            self._reports = sftp.source().list_reports()
+            log.info("%d report(s) on the server: %s", len(self._reports),
+                     ", ".join(r.name for r in self._reports) or "none")
+        return [ArchiveZip(date=self.date, file_name=r.name) for r in self._reports]
