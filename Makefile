@@ -5,10 +5,11 @@ PY     := $(VENV)/bin/python
 DEMO_DIR ?= $(CURDIR)/.demo
 ROWS   ?= 2000000
 
-.PHONY: demo test test-unit bench clean help
+.PHONY: demo run test test-unit bench clean help
 
 help:
 	@echo "make demo    - run the whole ETL end to end on throwaway servers (data under $(DEMO_DIR))"
+	@echo "make run     - run today's job with ./luigi.cfg (production; ARGS='--date 2026-11-01')"
 	@echo "make test    - run every test (unit + integration against real servers)"
 	@echo "make bench   - benchmark the pipeline against the floor (ROWS=$(ROWS))"
 	@echo "make clean   - remove the virtual env, demo data and caches"
@@ -22,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) -m visitas.demo --dir $(DEMO_DIR)
+
+run: $(VENV)/.installed
+	mkdir -p logs
+	$(VENV)/bin/luigi --module visitas RunAll --local-scheduler $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -330,8 +330,10 @@ class SmtpServer:
         class Handler:
             async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
                 import email
+                import email.policy
 
-                message = email.message_from_bytes(envelope.original_content or envelope.content)
+                message = email.message_from_bytes(envelope.original_content or envelope.content,
+                                                   policy=email.policy.default)
                 message["X-Envelope-To"] = ", ".join(envelope.rcpt_tos)
                 outer.messages.append(message)
                 return "250 OK"

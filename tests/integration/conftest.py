@@ -58,10 +58,11 @@ def make_env(tmp_path, pg_dsn, schema, ssh_keys):
     """make_env(kind="asyncssh", extra_cfg="") -> a started SFTP server and a configured Env."""
     servers = []
 
-    def _make(kind: str = "asyncssh", extra_cfg: str = "", password: str = "") -> Env:
+    def _make(kind: str = "asyncssh", extra_cfg: str = "", password: str = "",
+              dsn: str | None = None) -> Env:
         server, cfg, remote_dir, remote_path = start_sftp(kind, tmp_path, ssh_keys, password)
         servers.append(server)
-        env = Env(tmp_path, pg_dsn, schema, cfg, remote_dir, remote_path, extra_cfg)
+        env = Env(tmp_path, dsn or pg_dsn, schema, cfg, remote_dir, remote_path, extra_cfg)
         env.sftp_server = server
         return env
 
@@ -73,3 +74,12 @@ def make_env(tmp_path, pg_dsn, schema, ssh_keys):
 @pytest.fixture
 def env(make_env) -> Env:
     return make_env()
+
+
+@pytest.fixture
+def own_pg():
+    """A cluster of this test's own, for tests that stop and restart the server."""
+    cluster = devservers.PostgresCluster(devservers.scratch_dir("visitas-own-pg-"), fsync=False)
+    cluster.init().start()
+    yield cluster
+    cluster.destroy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 import shutil
 import subprocess
@@ -46,10 +47,12 @@ class Env:
         self.write_config(extra_cfg)
 
     def write_config(self, extra: str = "") -> None:
+        """The test's luigi.cfg; ``extra`` (cfg text) adds sections or overrides keys."""
         sftp_lines = "\n".join(f"{k} = {v}" for k, v in self.sftp_cfg.items())
-        self.config.write_text(f"""
+        base = f"""
 [core]
 log_level = INFO
+autoload_range = false
 [worker]
 keep_alive = false
 [sftp]
@@ -71,8 +74,12 @@ max_delay = 1
 [logfile]
 path = {self.log_file}
 {RETCODES}
-{extra}
-""")
+"""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(base)
+        parser.read_string(extra)
+        with open(self.config, "w") as handle:
+            parser.write(handle)
 
     # ------------------------------------------------------------------ running
 
@@ -86,13 +93,18 @@ path = {self.log_file}
                               cwd=self.tmp, env=environment, capture_output=True, text=True,
                               timeout=timeout)
 
-    def popen(self, *args: str, env: dict | None = None) -> subprocess.Popen:
+    def popen(self, *args: str, env: dict | None = None) -> "Running":
+        """Start the command in the background; its output goes to a file (never a full pipe)."""
         environment = {**os.environ, "LUIGI_CONFIG_PATH": str(self.config),
                        "VISITAS_TEST_PIPELINE_DSN": self.dsn, **(env or {})}
         environment.pop("VISITAS_RUN_ID", None)
-        return subprocess.Popen([LUIGI, "--module", "visitas", "RunAll", *args], cwd=self.tmp,
-                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        self._runs = getattr(self, "_runs", 0) + 1
+        output = self.tmp / f"run-{self._runs}.out"
+        with open(output, "w") as handle:
+            process = subprocess.Popen(
+                [LUIGI, "--module", "visitas", "RunAll", "--local-scheduler", *args], cwd=self.tmp,
+                env=environment, stdout=handle, stderr=subprocess.STDOUT, text=True)
+        return Running(process, output)
 
     # ------------------------------------------------------------------ data
 
@@ -153,6 +165,26 @@ path = {self.log_file}
                           " FROM load_log ORDER BY id")
 
 
+class Running:
+    def __init__(self, process: subprocess.Popen, output: Path):
+        self.process, self.output = process, output
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def communicate(self, timeout: float = 300) -> tuple[str, None]:
+        self.process.wait(timeout)
+        return self.output.read_text(), None
+
+    def text(self) -> str:
+        return self.output.read_text()
+
+
 def expected_visitors(truth: pl.DataFrame) -> pl.DataFrame:
     from visitas import visitors
 
@@ -166,7 +198,7 @@ def start_sftp(kind: str, tmp: Path, keys: devservers.SshKeys, password: str = "
         server = devservers.SftpServer(root, keys, username="vinkos", password=password).start()
         remote_dir = root / REMOTE_DIR
         cfg = {"host": "127.0.0.1", "port": server.port, "username": "vinkos",
-               "key_file": keys.client_key,
+               "key_file": keys.client_key, **({"password": password} if password else {}),
                "known_hosts": keys.write_known_hosts(tmp / "known_hosts", server.port)}
         return server, cfg, remote_dir, "/" + REMOTE_DIR
     server = devservers.OpenSshServer(tmp, keys).start()

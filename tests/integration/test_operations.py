@@ -1,0 +1,212 @@
+"""Operations against real servers: run-report mail (aiosmtpd), Luigi's crash mail, luigid,
+the monthly report command, the process lock."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from visitas import db, devservers
+
+
+@pytest.fixture
+def smtp():
+    server = devservers.SmtpServer().start()
+    yield server
+    server.stop()
+
+
+def _notify_cfg(smtp, **extra) -> str:
+    lines = [f"[notify]", f"smtp_host = 127.0.0.1", f"smtp_port = {smtp.port}",
+             "sender = visitas@example.com", "recipients = ops@example.com, data@example.com"]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _attachment(message) -> tuple[str, list[dict]]:
+    for part in message.walk():
+        if part.get_filename():
+            text = part.get_payload(decode=True).decode()
+            rows = [r for r in csv.DictReader(io.StringIO(text)) if not r["source_file"].startswith("#")]
+            return part.get_filename(), rows
+    raise AssertionError("no attachment")
+
+
+def test_run_with_rejections_mails_one_report(make_env, smtp):
+    env = make_env(extra_cfg=_notify_cfg(smtp, max_attachment_rows=5))
+    manifest = env.generate(files=2, rows=200, defects=0.05)
+    result = env.luigi()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _wait_for(lambda: smtp.messages)
+    [message] = smtp.messages
+    rejected = sum(info["rejected_rows"] for info in manifest["files"].values())
+    assert message["Subject"] == (f"[visitas] run {time.strftime('%Y-%m-%d')}: 2 loaded, 0 rejected,"
+                                  f" 0 duplicate, 0 failed, {rejected} rows rejected")
+    assert message["X-Envelope-To"] == "ops@example.com, data@example.com"
+    body = message.get_body(("plain",)).get_content()
+    for name, info in manifest["files"].items():
+        assert f"{name:<28} loaded     {info['rows']:>9} {info['valid_rows']:>9} {info['rejected_rows']:>9}" in body
+    assert "field_count" in body and "invalid_email" in body and "report_1.txt:" in body
+    filename, rows = _attachment(message)
+    assert filename.endswith(".csv") and len(rows) == 5  # capped
+    assert set(rows[0]) == {"source_file", "line_no", "column_name", "reason", "message", "raw_line"}
+    assert "capped at 5 rows" in message.get_payload()[1].get_payload(decode=True).decode()
+
+
+def test_clean_run_sends_nothing_unless_send_always(make_env, smtp):
+    env = make_env(extra_cfg=_notify_cfg(smtp))
+    env.generate(files=1, rows=50, defects=0.0)
+    assert env.luigi().returncode == 0
+    time.sleep(0.5)
+    assert smtp.messages == []
+
+    env.write_config(_notify_cfg(smtp, send_always="true"))
+    env.generate(files=1, rows=50, defects=0.0, first_number=2, seed=9)
+    assert env.luigi().returncode == 0
+    assert _wait_for(lambda: smtp.messages)
+    assert "1 loaded, 0 rejected, 0 duplicate, 0 failed, 0 rows rejected" in smtp.messages[0]["Subject"]
+
+
+def test_no_recipients_no_mail_no_error(make_env, smtp):
+    env = make_env(extra_cfg=f"[notify]\nsmtp_host = 127.0.0.1\nsmtp_port = {smtp.port}\n")
+    env.generate(files=1, rows=50, defects=0.2)
+    result = env.luigi()
+    assert result.returncode == 0
+    time.sleep(0.5)
+    assert smtp.messages == []
+    assert "no recipients" in env.log_file.read_text()
+
+
+def test_failed_task_mails_the_run_report_and_luigis_own_error_mail(make_env, smtp):
+    luigi_mail = (f"[email]\nmethod = smtp\nreceiver = oncall@example.com\nsender = luigi@example.com\n"
+                  f"force_send = true\n[smtp]\nhost = 127.0.0.1\nport = {smtp.port}\n")
+    env = make_env(extra_cfg=_notify_cfg(smtp) + luigi_mail)
+    env.generate(files=2, rows=60)
+    db.Database(env.dsn, env.schema).connection()
+    env.execute("""
+        CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.source_file = 'report_2.txt' THEN RAISE EXCEPTION 'disk on fire'; END IF;
+        RETURN NEW; END $$;
+        CREATE TRIGGER boom BEFORE INSERT ON statistics FOR EACH ROW EXECUTE FUNCTION boom();""")
+    result = env.luigi()
+    assert result.returncode == 30
+    assert _wait_for(lambda: len(smtp.messages) >= 2)
+    subjects = [m["Subject"] for m in smtp.messages]
+    [report] = [m for m in smtp.messages if m["Subject"].startswith("[visitas]")]
+    assert "1 loaded" in report["Subject"] and "1 failed" in report["Subject"]
+    body = report.get_body(("plain",)).get_content()
+    assert "LoadPostgres" in body and "disk on fire" in body
+    assert any("LoadPostgres" in s and "FAILED" in s.upper() for s in subjects), subjects
+
+
+def test_monthly_report_command(env):
+    env.generate(files=2, rows=80, defects=0.1)
+    assert env.luigi("--date", "2026-10-31").returncode == 0
+    env.generate(files=1, rows=40, first_number=3, seed=3)
+    assert env.luigi("--date", "2026-11-02").returncode == 0
+    environ = {**os.environ, "LUIGI_CONFIG_PATH": str(env.config),
+               "VISITAS_TEST_PIPELINE_DSN": env.dsn}
+    visitas = str(Path(sys.executable).with_name("visitas"))
+
+    def report(*args):
+        done = subprocess.run([visitas, "report", *args], cwd=env.tmp, env=environ,
+                              capture_output=True, text=True, check=True)
+        return done.stdout
+
+    rows = json.loads(report("--month", "2026-10", "--to", "2026-11", "--format", "json"))
+    totals = {r["month"]: r for r in rows if r["file_name"] == "TOTAL"}
+    expected = {m: env.query("SELECT count(*), sum(rows_read), sum(rows_loaded), sum(rows_rejected)"
+                             " FROM load_log WHERE to_char(run_date, 'YYYY-MM') = %s", (m,))[0]
+                for m in ("2026-10", "2026-11")}
+    for month, (files, read, loaded, rejected) in expected.items():
+        t = totals[month]
+        assert (t["files_loaded"], t["rows_read"], t["rows_loaded"], t["rows_rejected"]) == (
+            files, read, loaded, rejected)
+    table = report("--month", "2026-10").splitlines()
+    assert table[0].split() == ["month", "file_name", "files_loaded", "files_rejected",
+                                "files_duplicate", "rows_read", "rows_loaded", "rows_rejected"]
+    assert len({len(line) for line in table[:4]}) == 1  # aligned columns
+    assert "2026-11" not in "\n".join(table)
+    lines = report("--month", "2026-11", "--format", "csv").splitlines()
+    assert lines[0].startswith("month,file_name") and lines[-1].startswith("2026-11,TOTAL,1,")
+
+
+def test_luigid_shows_every_task_done_and_no_secret(make_env, tmp_path):
+    env = make_env(password="pw-" + "x" * 12)
+    env.generate(files=2, rows=50)
+    port = devservers.free_port()
+    (tmp_path / "luigid-logs").mkdir()
+    luigid = subprocess.Popen(
+        [str(Path(sys.executable).with_name("luigid")), "--port", str(port), "--address", "127.0.0.1",
+         "--state-path", str(tmp_path / "luigid.pickle"), "--logdir", str(tmp_path / "luigid-logs")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        devservers.wait_for_port(port)
+        environ = {**os.environ, "LUIGI_CONFIG_PATH": str(env.config), "VISITAS_TEST_PIPELINE_DSN": env.dsn}
+        run = subprocess.run([str(Path(sys.executable).with_name("luigi")), "--module", "visitas", "RunAll",
+                              "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)],
+                             cwd=env.tmp, env=environ, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        query = urllib.parse.quote(json.dumps({"status": "DONE"}))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task_list?data={query}") as response:
+            tasks = json.load(response)["response"]
+        families = {t["name"] for t in tasks.values()}
+        assert {"RunAll", "DownloadReport", "ValidateReport", "SplitVisitorStats", "LoadPostgres",
+                "ArchiveZip", "PrepareRun"} <= families
+        archive = [t for t in tasks.values() if t["name"] == "ArchiveZip"]
+        assert {t["params"]["file_name"] for t in archive} == {"report_1.txt", "report_2.txt"}
+        loads = [task_id for task_id, t in tasks.items() if t["name"] == "LoadPostgres"]
+        for task_id in loads:
+            data = urllib.parse.quote(json.dumps({"task_id": task_id}))
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/get_task_status_message?data={data}") as response:
+                message = json.load(response)["response"]["statusMessage"]
+            assert message.startswith("loaded: ") and "rows loaded" in message
+        shown = json.dumps(tasks)
+        assert env.dsn.split(":")[2].split("@")[0] not in shown  # the DB password
+        assert "x" * 12 not in shown
+    finally:
+        luigid.terminate()
+        luigid.wait(10)
+
+
+def _wait_until_blocked_on_a_lock(env, timeout=60.0) -> None:
+    def blocked():
+        return env.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'visitas'"
+                         " AND wait_event_type = 'Lock'")[0][0] > 0
+    assert _wait_for(blocked, timeout), "the run never reached the visitor merge"
+
+
+def test_overlapping_run_on_one_host_is_refused_by_the_process_lock(env):
+    env.generate(files=2, rows=100)
+    with psycopg.connect(env.dsn, autocommit=True) as holder:
+        # Hold the visitor-merge lock so the first run is certainly still going.
+        holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
+        first = env.popen()
+        _wait_until_blocked_on_a_lock(env)
+        second = env.luigi()
+        holder.execute("SELECT pg_advisory_unlock(%s, 0)", (db.LOCK_VISITORS,))
+    out, _ = first.communicate(timeout=300)
+    assert second.returncode == 10, second.stderr[-2000:]  # [retcode] already_running
+    assert first.returncode == 0, out[-2000:]
+    assert [r[1] for r in env.loads()] == ["loaded", "loaded"]
