@@ -2,7 +2,7 @@
 
 One file = one transaction: its statistics, errors, visitor updates and its ``load_log`` row (the
 completion marker of LoadPostgres) commit together or not at all.  Bulk paths only: COPY for
-statistics, errors and the staged monthly visits; visitors are merged set-wise.
+statistics, errors and the staged visitor summaries; visitors are merged set-wise.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ STATISTICS_COLUMNS = (
     "source_file", "line_no",
 )
 ERROR_COLUMNS = ("source_file", "line_no", "column_name", "reason", "message", "raw_line")
-MONTHLY_COLUMNS = ("email", "visit_month", "visit_count", "first_visit", "last_visit")
+VISITOR_COLUMNS = ("email", "fecha_primera_visita", "fecha_ultima_visita", "visitas_totales",
+                   "visitas_anio_actual", "visitas_mes_actual")
 
 # Advisory lock keys (first int of the two-int form): one namespace per purpose.
 LOCK_SCHEMA, LOCK_FILE, LOCK_VISITORS, LOCK_RUN = 7301, 7302, 7303, 7304
@@ -107,14 +108,6 @@ CREATE TABLE IF NOT EXISTS {schema}.errors (
     load_id     bigint NOT NULL DEFAULT current_setting('visitas.load_id')::bigint,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
-CREATE TABLE IF NOT EXISTS {schema}.visitor_month (
-    email       text   NOT NULL,
-    visit_month date   NOT NULL,
-    visit_count bigint NOT NULL,
-    first_visit date   NOT NULL,
-    last_visit  date   NOT NULL,
-    PRIMARY KEY (email, visit_month)
-);
 CREATE TABLE IF NOT EXISTS {schema}.visitor (
     email                text PRIMARY KEY,
     fecha_primera_visita date   NOT NULL,
@@ -124,53 +117,41 @@ CREATE TABLE IF NOT EXISTS {schema}.visitor (
     visitas_mes_actual   bigint NOT NULL,
     updated_at           timestamptz NOT NULL DEFAULT now()
 );
+-- The same counters relative to today's date.  Exact from the visitor row alone: every visit
+-- in today's year (month) is in the year (month) of the latest visit, if that is today's.
 CREATE OR REPLACE VIEW {schema}.visitor_today AS
-SELECT email,
-       min(first_visit) AS fecha_primera_visita,
-       max(last_visit) AS fecha_ultima_visita,
-       sum(visit_count)::bigint AS visitas_totales,
-       coalesce(sum(visit_count) FILTER (
-           WHERE date_trunc('year', visit_month) = date_trunc('year', current_date)), 0)::bigint
-           AS visitas_anio_actual,
-       coalesce(sum(visit_count) FILTER (
-           WHERE visit_month = date_trunc('month', current_date)::date), 0)::bigint
-           AS visitas_mes_actual
-FROM {schema}.visitor_month
-GROUP BY email;
+SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales,
+       CASE WHEN date_trunc('year', fecha_ultima_visita) = date_trunc('year', current_date)
+            THEN visitas_anio_actual ELSE 0 END AS visitas_anio_actual,
+       CASE WHEN date_trunc('month', fecha_ultima_visita) = date_trunc('month', current_date)
+            THEN visitas_mes_actual ELSE 0 END AS visitas_mes_actual
+FROM {schema}.visitor;
 """
 
-# Visitor counters of the staged emails, recomputed from visitor_month (the rule in visitors.py).
+# The merge rule of visitas.visitors, applied to the stored row and the file's summary: the
+# result is the summary of all visits whatever the order of loads.  Keys sorted: concurrent
+# merges lock rows in the same order.
 VISITOR_MERGE = """
 INSERT INTO {schema}.visitor AS v (email, fecha_primera_visita, fecha_ultima_visita,
-    visitas_totales, visitas_anio_actual, visitas_mes_actual, updated_at)
-SELECT email, min(first_visit), max(last_visit), sum(visit_count),
-       sum(visit_count) FILTER (WHERE date_trunc('year', visit_month) = date_trunc('year', latest)),
-       sum(visit_count) FILTER (WHERE visit_month = date_trunc('month', latest)::date),
-       now()
-FROM (
-    SELECT m.*, max(m.last_visit) OVER (PARTITION BY m.email) AS latest
-    FROM {schema}.visitor_month m
-    WHERE m.email IN (SELECT email FROM visitas_stage)
-) AS months
-GROUP BY email
-ORDER BY email
+    visitas_totales, visitas_anio_actual, visitas_mes_actual)
+SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales, visitas_anio_actual,
+       visitas_mes_actual
+FROM visitas_stage ORDER BY email
 ON CONFLICT (email) DO UPDATE SET
-    fecha_primera_visita = excluded.fecha_primera_visita,
-    fecha_ultima_visita = excluded.fecha_ultima_visita,
-    visitas_totales = excluded.visitas_totales,
-    visitas_anio_actual = excluded.visitas_anio_actual,
-    visitas_mes_actual = excluded.visitas_mes_actual,
-    updated_at = excluded.updated_at
-"""
-
-MONTH_MERGE = """
-INSERT INTO {schema}.visitor_month AS m (email, visit_month, visit_count, first_visit, last_visit)
-SELECT email, visit_month, visit_count, first_visit, last_visit
-FROM visitas_stage ORDER BY email, visit_month
-ON CONFLICT (email, visit_month) DO UPDATE SET
-    visit_count = m.visit_count + excluded.visit_count,
-    first_visit = least(m.first_visit, excluded.first_visit),
-    last_visit = greatest(m.last_visit, excluded.last_visit)
+    fecha_primera_visita = least(v.fecha_primera_visita, excluded.fecha_primera_visita),
+    fecha_ultima_visita = greatest(v.fecha_ultima_visita, excluded.fecha_ultima_visita),
+    visitas_totales = v.visitas_totales + excluded.visitas_totales,
+    visitas_anio_actual = CASE
+        WHEN date_trunc('year', v.fecha_ultima_visita) = date_trunc('year', excluded.fecha_ultima_visita)
+            THEN v.visitas_anio_actual + excluded.visitas_anio_actual
+        WHEN v.fecha_ultima_visita > excluded.fecha_ultima_visita THEN v.visitas_anio_actual
+        ELSE excluded.visitas_anio_actual END,
+    visitas_mes_actual = CASE
+        WHEN date_trunc('month', v.fecha_ultima_visita) = date_trunc('month', excluded.fecha_ultima_visita)
+            THEN v.visitas_mes_actual + excluded.visitas_mes_actual
+        WHEN v.fecha_ultima_visita > excluded.fecha_ultima_visita THEN v.visitas_mes_actual
+        ELSE excluded.visitas_mes_actual END,
+    updated_at = now()
 """
 
 
@@ -318,7 +299,7 @@ class Database:
         conn.execute("SELECT set_config('visitas.load_id', %s, true)", (str(load_id),))
         self._copy_file(conn, "statistics", STATISTICS_COLUMNS, split_dir / "statistics.copy")
         self._copy_file(conn, "errors", ERROR_COLUMNS, split_dir / "errors.copy")
-        self._merge_visitors(conn, split_dir / "monthly.parquet")
+        self._merge_visitors(conn, split_dir / "visitors.parquet")
         conn.execute(self.q("UPDATE {schema}.load_log SET finished_at = clock_timestamp() WHERE id = %s"),
                      (load_id,))
         return self._log_row(conn, load_id)
@@ -357,22 +338,21 @@ class Database:
             while chunk := handle.read(COPY_CHUNK):
                 copy.write(chunk)
 
-    def _merge_visitors(self, conn: psycopg.Connection, monthly_path: Path) -> None:
-        monthly = pl.read_parquet(monthly_path)
-        if monthly.height == 0:
+    def _merge_visitors(self, conn: psycopg.Connection, visitors_path: Path) -> None:
+        summaries = pl.read_parquet(visitors_path)
+        if summaries.height == 0:
             return
-        conn.execute(self.q(
-            "CREATE TEMP TABLE IF NOT EXISTS visitas_stage"
-            " (LIKE {schema}.visitor_month) ON COMMIT DELETE ROWS"))
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS visitas_stage (email text, fecha_primera_visita date,"
+            " fecha_ultima_visita date, visitas_totales bigint, visitas_anio_actual bigint,"
+            " visitas_mes_actual bigint) ON COMMIT DELETE ROWS")
         with conn.cursor().copy(sql.SQL("COPY visitas_stage ({}) FROM STDIN").format(
-                sql.SQL(", ").join(map(sql.Identifier, MONTHLY_COLUMNS)))) as copy:
-            for start in range(0, monthly.height, 200_000):
-                copy.write(copy_lines(monthly.slice(start, 200_000).select(MONTHLY_COLUMNS)))
-        conn.execute("ANALYZE visitas_stage")
-        # Merges of files that share visitors are serialised (the COPYs above are not): each
-        # merge then sees every committed month, whatever the order of concurrent loads.
+                sql.SQL(", ").join(map(sql.Identifier, VISITOR_COLUMNS)))) as copy:
+            for start in range(0, summaries.height, 200_000):
+                copy.write(copy_lines(summaries.slice(start, 200_000).select(VISITOR_COLUMNS)))
+        # Merges are serialised (the COPYs above are not); the merge rule alone already makes
+        # the result independent of the order of loads.
         conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_VISITORS,))
-        conn.execute(self.q(MONTH_MERGE))
         conn.execute(self.q(VISITOR_MERGE))
 
     # ------------------------------------------------------------------ archive bookkeeping

@@ -174,7 +174,7 @@ def _first_line(path: Path) -> str | None:
 
 
 def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
-    """Checked batches -> ``statistics.copy``, ``errors.copy``, ``monthly.parquet``, ``summary``.
+    """Checked batches -> ``statistics.copy``, ``errors.copy``, ``visitors.parquet``, ``summary``.
 
     The COPY files are pre-formatted text, ready to stream into PostgreSQL as they are.
     """
@@ -182,7 +182,7 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
     meta = json.loads((checked_dir / VERDICT_FILE).read_text())
     verdict = contract.FileVerdict.from_dict(
         {k: v for k, v in meta.items() if k in contract.FileVerdict.__dataclass_fields__})
-    monthly_parts: list[pl.DataFrame] = []
+    visitor_parts: list[pl.DataFrame] = []
     warnings = dict.fromkeys(contract.WARNING_KINDS, 0)
     with open(out_dir / "statistics.copy", "wb") as stats_out, \
             open(out_dir / "errors.copy", "wb") as errors_out:
@@ -199,16 +199,16 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
             errors_out.write(copy_lines(errors))
             verdict.error_count += errors.height
             lazy_stats = statistics.lazy()
-            monthly_parts.append(visitors.monthly_visits(contract.visits(lazy_stats)).collect())
+            visitor_parts.append(visitors.visitor_rule(contract.visits(lazy_stats)).collect())
             for kind, count in contract.warning_counts(lazy_stats).collect().row(0, named=True).items():
                 warnings[kind] += count
-    monthly = (
-        visitors.combine_monthly(pl.concat(monthly_parts).lazy()).collect()
-        if monthly_parts else pl.DataFrame(schema=visitors.MONTHLY_SCHEMA)
+    visitor_rows = (
+        visitors.merge_rule(pl.concat(visitor_parts).lazy()).collect()
+        if visitor_parts else pl.DataFrame(schema=visitors.SUMMARY_SCHEMA)
     )
-    monthly.sort("email", "visit_month").write_parquet(out_dir / "monthly.parquet")
+    visitor_rows.write_parquet(out_dir / "visitors.parquet")
     verdict.warnings = warnings
-    summary = {**meta, **verdict.to_dict(), "visitors": monthly.get_column("email").n_unique()}
+    summary = {**meta, **verdict.to_dict(), "visitors": visitor_rows.height}
     _write_json(out_dir / "summary.json", summary)
     log.info("%s split: %d statistics rows, %d error rows, %d visitors, warnings %s",
              source_file, verdict.rows_loaded, verdict.error_count, summary["visitors"], warnings)

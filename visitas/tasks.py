@@ -203,3 +203,8 @@ class RunAll(luigi.WrapperTask):
             log.info("%d report(s) on the server: %s", len(self._reports),
                      ", ".join(r.name for r in self._reports) or "none")
         return [ArchiveZip(date=self.date, file_name=r.name) for r in self._reports]
+
+
+@luigi.Task.event_handler(luigi.Event.PROCESSING_TIME)
+def _log_processing_time(task: luigi.Task, seconds: float) -> None:
+    log.info("task %s took %.2fs", task, seconds)

@@ -8,68 +8,59 @@ A visit is a valid statistics row, dated by ``Fecha envio`` (``sent_at``).  For 
 - ``visitas_anio_actual``: visits in the calendar year of the latest visit;
 - ``visitas_mes_actual``: visits in the year-month of the latest visit.
 
-Everything is an aggregate over the set of visits, so the result cannot depend on the order in
-which files are loaded.  The database keeps visits per visitor and month (``visitor_month``) and
-recomputes the counters from it with the same rule (see ``visitas.db``).
+These five counters are their own summary: two summaries of disjoint sets of visits merge into
+the summary of the union (:func:`merge_rule`) — first is the min, last the max, totals add, and
+the year (month) count is the sum when both latest visits fall in the same year (month), else
+the count of the side with the later visit, because every visit of the other side is in an
+earlier year (month).  The merge is associative and commutative, so loading files in any order,
+one at a time or concurrently, gives exactly the counters of all visits at once.  The database
+applies the same merge in its upsert (``visitas.db.VISITOR_MERGE``).
 """
 
 from __future__ import annotations
 
 import polars as pl
 
-MONTHLY_SCHEMA = {
-    "email": pl.String, "visit_month": pl.Date, "visit_count": pl.Int64,
-    "first_visit": pl.Date, "last_visit": pl.Date,
+SUMMARY_SCHEMA = {
+    "email": pl.String, "fecha_primera_visita": pl.Date, "fecha_ultima_visita": pl.Date,
+    "visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64, "visitas_mes_actual": pl.Int64,
 }
 
 
-def monthly_visits(visits: pl.LazyFrame) -> pl.LazyFrame:
-    """``email, sent_at`` -> visits per visitor and calendar month (what the database keeps)."""
+def visitor_rule(visits: pl.LazyFrame) -> pl.LazyFrame:
+    """``email, sent_at`` -> one row per visitor with the five counters (sorted by email)."""
+    day = pl.col("sent_at").dt.date()
     return (
-        visits.with_columns(pl.col("sent_at").dt.date().alias("visit_date"))
-        .group_by("email", pl.col("visit_date").dt.truncate("1mo").alias("visit_month"))
+        visits.group_by("email")
         .agg(
-            pl.len().cast(pl.Int64).alias("visit_count"),
-            pl.col("visit_date").min().alias("first_visit"),
-            pl.col("visit_date").max().alias("last_visit"),
+            day.min().alias("fecha_primera_visita"),
+            day.max().alias("fecha_ultima_visita"),
+            pl.len().alias("visitas_totales"),
+            (day.dt.year() == day.max().dt.year()).sum().alias("visitas_anio_actual"),
+            (day.dt.truncate("1mo") == day.max().dt.truncate("1mo")).sum().alias("visitas_mes_actual"),
         )
-        .select([pl.col(name).cast(dtype) for name, dtype in MONTHLY_SCHEMA.items()])
-    )
-
-
-def combine_monthly(monthly: pl.LazyFrame) -> pl.LazyFrame:
-    """Merge monthly aggregates of several files (or batches) into one row per visitor-month."""
-    return monthly.group_by("email", "visit_month").agg(
-        pl.col("visit_count").sum(),
-        pl.col("first_visit").min(),
-        pl.col("last_visit").max(),
-    )
-
-
-def visitor_counters(monthly: pl.LazyFrame) -> pl.LazyFrame:
-    """Visits per visitor and month -> the visitor row (the rule in the module docstring)."""
-    latest = pl.col("last_visit").max().over("email")
-    return (
-        monthly.with_columns(latest.alias("_latest"))
-        .group_by("email")
-        .agg(
-            pl.col("first_visit").min().alias("fecha_primera_visita"),
-            pl.col("last_visit").max().alias("fecha_ultima_visita"),
-            pl.col("visit_count").sum().alias("visitas_totales"),
-            pl.col("visit_count")
-            .filter(pl.col("visit_month").dt.year() == pl.col("_latest").dt.year())
-            .sum().alias("visitas_anio_actual"),
-            pl.col("visit_count")
-            .filter(pl.col("visit_month") == pl.col("_latest").dt.truncate("1mo"))
-            .sum().alias("visitas_mes_actual"),
-        )
+        .select([pl.col(name).cast(dtype) for name, dtype in SUMMARY_SCHEMA.items()])
         .sort("email")
     )
 
 
-def visitor_rule(visits: pl.LazyFrame) -> pl.LazyFrame:
-    """``email, sent_at`` -> one row per visitor with the five counters."""
-    return visitor_counters(monthly_visits(visits))
+def merge_rule(summaries: pl.LazyFrame) -> pl.LazyFrame:
+    """Several summaries per visitor (from files or batches) -> one, by the merge rule."""
+    last = pl.col("fecha_ultima_visita")
+    latest = last.max()
+    return (
+        summaries.group_by("email")
+        .agg(
+            pl.col("fecha_primera_visita").min(),
+            latest.alias("fecha_ultima_visita"),
+            pl.col("visitas_totales").sum(),
+            pl.col("visitas_anio_actual").filter(last.dt.year() == latest.dt.year()).sum(),
+            pl.col("visitas_mes_actual")
+            .filter(last.dt.truncate("1mo") == latest.dt.truncate("1mo")).sum(),
+        )
+        .select([pl.col(name).cast(dtype) for name, dtype in SUMMARY_SCHEMA.items()])
+        .sort("email")
+    )
 
 
 def as_yyyymmdd(column: str) -> pl.Expr:

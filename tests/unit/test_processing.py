@@ -64,10 +64,10 @@ def test_file_level_rejections(tmp_path, data, reason):
     assert (tmp_path / "split" / "statistics.copy").read_bytes() == b""
 
 
-def test_monthly_visits_are_written(tmp_path):
+def test_visitor_summaries_are_written(tmp_path):
     text = "\n".join([HEADER, GOOD_ROW, GOOD_ROW, row(fecha_envio="01/03/2013 10:00")])
-    _run(tmp_path, text.encode())
-    monthly = pl.read_parquet(tmp_path / "split" / "monthly.parquet")
-    assert monthly.select("visit_count").to_series().to_list() == [2, 1]
+    _run(tmp_path, text.encode(), batch_bytes=len(HEADER) + 5)  # one line per batch, merged
+    summaries = pl.read_parquet(tmp_path / "split" / "visitors.parquet")
+    assert summaries.select("visitas_totales", "visitas_anio_actual", "visitas_mes_actual").row(0) == (3, 3, 1)
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["visitors"] == 1

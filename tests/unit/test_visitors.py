@@ -31,8 +31,7 @@ def test_counters_follow_the_latest_visit():
         "visitas_totales": [4, 1],
         "visitas_anio_actual": [3, 1],
         "visitas_mes_actual": [2, 1],
-    }, schema_overrides={"visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64,
-                         "visitas_mes_actual": pl.Int64})
+    }, schema=visitors.SUMMARY_SCHEMA)
     assert_frame_equal(result, expected)
 
 
@@ -41,13 +40,13 @@ def test_dates_are_reported_as_yyyymmdd():
     assert frame.select(visitors.as_yyyymmdd("d")).item() == "20250309"
 
 
-def test_combining_monthly_parts_equals_one_pass():
-    visits = _visits(*[("a@x.mx", dt.datetime(2025, m, d)) for m in (1, 2) for d in (1, 15)])
-    whole = visitors.monthly_visits(visits.lazy()).collect().sort("visit_month")
-    parts = pl.concat([visitors.monthly_visits(visits[:1].lazy()).collect(),
-                       visitors.monthly_visits(visits[1:].lazy()).collect()])
-    combined = visitors.combine_monthly(parts.lazy()).collect().sort("visit_month")
-    assert_frame_equal(combined, whole, check_column_order=False)
+def test_merge_rule_keeps_only_the_latest_year_and_month():
+    earlier = _visits(("a@x.mx", dt.datetime(2024, 5, 1)), ("a@x.mx", dt.datetime(2024, 5, 9)))
+    later = _visits(("a@x.mx", dt.datetime(2025, 5, 2)))
+    same_month = _visits(("a@x.mx", dt.datetime(2025, 5, 30)))
+    parts = pl.concat([visitors.visitor_rule(f.lazy()).collect() for f in (earlier, later, same_month)])
+    merged = visitors.merge_rule(parts.lazy()).collect()
+    assert merged.row(0) == ("a@x.mx", dt.date(2024, 5, 1), dt.date(2025, 5, 30), 4, 2, 2)
 
 
 visit_strategy = st.lists(
@@ -56,17 +55,23 @@ visit_strategy = st.lists(
     min_size=1, max_size=40)
 
 
-@settings(max_examples=60, deadline=None)
-@given(visit_strategy, st.randoms(use_true_random=False), st.integers(min_value=1, max_value=4))
+@settings(max_examples=80, deadline=None)
+@given(visit_strategy, st.randoms(use_true_random=False), st.integers(min_value=1, max_value=5))
 def test_result_does_not_depend_on_load_order(pairs, random, n_files):
-    """Split the visits into 'files', load them in a shuffled order: the same counters."""
+    """Split the visits into 'files', merge their summaries one at a time in a shuffled order
+    (as successive loads do): the same counters as all visits at once."""
     visits = _visits(*pairs)
     reference = visitors.visitor_rule(visits.lazy()).collect()
     files = [visits[i::n_files] for i in range(n_files)]
     random.shuffle(files)
-    monthly = pl.concat([visitors.monthly_visits(f.lazy()).collect() for f in files])
-    shuffled = visitors.visitor_counters(visitors.combine_monthly(monthly.lazy())).collect()
-    assert_frame_equal(shuffled, reference)
+    state = None
+    for part in files:
+        if part.height == 0:
+            continue
+        summary = visitors.visitor_rule(part.lazy()).collect()
+        state = summary if state is None else visitors.merge_rule(
+            pl.concat([state, summary]).lazy()).collect()
+    assert_frame_equal(state, reference)
     assert reference["visitas_totales"].sum() == len(pairs)
     assert (reference["visitas_mes_actual"] <= reference["visitas_anio_actual"]).all()
     assert (reference["visitas_anio_actual"] <= reference["visitas_totales"]).all()

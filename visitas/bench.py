@@ -1,0 +1,250 @@
+"""``make bench``: the pipeline against the floor of merely moving the bytes.
+
+    python -m visitas.bench --rows 2000000 [--visitors 300000] [--workers 1] [--many-files 200]
+
+In one run, on throwaway servers on localhost (PostgreSQL with fsync on, the embedded SFTP server):
+
+1. generates one report of ROWS rows with repeat visitors and a small fraction of defects;
+2. the **floor**, sequentially: paramiko ``get`` of the file, ``COPY`` of the raw file into a logged
+   table of 15 text columns, ``zipfile`` deflate of the file (on a twin of the report without the
+   planted defects, which a raw COPY cannot take);
+3. the **pipeline**: ``luigi --module visitas RunAll --local-scheduler`` on a fresh schema, with
+   the peak RSS of its process tree sampled every 50 ms;
+4. prints rows, floor and pipeline seconds, their ratio, per-stage seconds, the peak RSS, and the
+   row counts in ``statistics``, ``errors`` and ``visitor`` checked against what was planted;
+5. with ``--many-files N``: N files of 1,000 rows in one run, and again with ``--workers 2``.
+
+It asserts nothing about time: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import paramiko
+import polars as pl
+import psycopg
+
+from visitas import devservers, sample
+
+REMOTE_DIR = "home/vinkOS/archivosVisitas"
+
+
+class Bench:
+    def __init__(self, base: Path):
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        base.chmod(0o755)
+        self.cluster = devservers.PostgresCluster(base / "pg", fsync=True).init().start()
+        self.keys = devservers.SshKeys(base / "keys")
+        self.remote = base / "sftp" / REMOTE_DIR
+        self.remote.mkdir(parents=True, exist_ok=True)
+        self.server = devservers.SftpServer(base / "sftp", self.keys).start()
+        self.known_hosts = self.keys.write_known_hosts(base / "known_hosts", self.server.port)
+
+    def close(self) -> None:
+        self.server.stop()
+        self.cluster.stop()
+
+    # ------------------------------------------------------------------ floor
+
+    def floor(self, report: Path) -> dict:
+        work = Path(tempfile.mkdtemp(dir=self.base))
+        times = {}
+        start = time.perf_counter()
+        client = paramiko.SSHClient()
+        client.load_host_keys(str(self.known_hosts))
+        client.connect("127.0.0.1", self.server.port, "vinkos", key_filename=str(self.keys.client_key),
+                       allow_agent=False, look_for_keys=False)
+        sftp = client.open_sftp()
+        local = work / report.name
+        sftp.get(f"/{REMOTE_DIR}/{report.name}", str(local))
+        client.close()
+        times["download"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        columns = ", ".join(f"c{i} text" for i in range(15))
+        with psycopg.connect(self.cluster.dsn()) as conn:
+            conn.execute("DROP TABLE IF EXISTS floor_raw")
+            conn.execute(f"CREATE TABLE floor_raw ({columns})")
+            with conn.cursor().copy("COPY floor_raw FROM STDIN WITH (FORMAT csv, HEADER true)") as copy, \
+                    open(local, "rb") as handle:
+                while chunk := handle.read(1024 * 1024):
+                    copy.write(chunk)
+        times["copy"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        with zipfile.ZipFile(work / "floor.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.write(local, arcname=report.name)
+        times["zip"] = time.perf_counter() - start
+        shutil.rmtree(work)
+        times["total"] = sum(times.values())
+        return times
+
+    # ------------------------------------------------------------------ pipeline
+
+    def config(self, name: str, workers_dir: Path) -> Path:
+        cfg = workers_dir / "luigi.cfg"
+        cfg.write_text(f"""[core]
+log_level = WARNING
+autoload_range = false
+[sftp]
+host = 127.0.0.1
+port = {self.server.port}
+username = vinkos
+key_file = {self.keys.client_key}
+known_hosts = {self.known_hosts}
+remote_dir = /{REMOTE_DIR}
+[postgres]
+dsn = ${{VISITAS_DSN}}
+schema = {name}
+[paths]
+download_dir = {workers_dir / 'download'}
+backup_dir = {workers_dir / 'bckp'}
+state_dir = {workers_dir / 'state'}
+[logfile]
+path = {workers_dir / 'visitas.log'}
+[retcode]
+task_failed = 30
+scheduling_error = 35
+unhandled_exception = 40
+""")
+        return cfg
+
+    def pipeline(self, schema: str, workers: int = 1) -> dict:
+        with psycopg.connect(self.cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        run_dir = self.base / f"run-{schema}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir()
+        cfg = self.config(schema, run_dir)
+        env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg), "VISITAS_DSN": self.cluster.dsn()}
+        luigi = str(Path(sys.executable).with_name("luigi"))
+        start = time.perf_counter()
+        process = subprocess.Popen([luigi, "--module", "visitas", "RunAll", "--local-scheduler",
+                                    "--workers", str(workers)], cwd=run_dir, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))
+        peak = _sample_peak_rss(process)
+        seconds = time.perf_counter() - start
+        if process.returncode != 0:
+            raise SystemExit(f"pipeline failed ({process.returncode}): see {run_dir / 'stderr.log'}")
+        return {"seconds": seconds, "peak_rss_mb": peak / 1048576,
+                "stages": _stage_seconds(run_dir / "visitas.log")}
+
+    def counts(self, schema: str) -> dict:
+        with psycopg.connect(self.cluster.dsn()) as conn:
+            def one(q):
+                return conn.execute(q.format(s=schema)).fetchone()[0]
+            return {"statistics": one('SELECT count(*) FROM "{s}".statistics'),
+                    "errors_lines": one('SELECT count(DISTINCT (source_file, line_no)) FROM "{s}".errors'),
+                    "visitor": one('SELECT count(*) FROM "{s}".visitor'),
+                    "files_loaded": one("SELECT count(*) FROM \"{s}\".load_log WHERE status = 'loaded'")}
+
+
+def _sample_peak_rss(process: subprocess.Popen) -> int:
+    import psutil
+
+    peak = 0
+    root = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    return peak
+
+
+def _stage_seconds(log: Path) -> dict:
+    stages: dict[str, float] = {}
+    pattern = re.compile(r"task (\w+)\(.*\) took ([0-9.]+)s")
+    for line in log.read_text().splitlines() if log.exists() else []:
+        match = pattern.search(line)
+        if match:
+            stages[match.group(1)] = stages.get(match.group(1), 0.0) + float(match.group(2))
+    return stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m visitas.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--visitors", type=int, default=300_000)
+    parser.add_argument("--defects", type=float, default=0.001)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--many-files", type=int, default=200, help="0 to skip")
+    parser.add_argument("--dir", type=Path, default=Path(".bench"))
+    parser.add_argument("--skip-floor", action="store_true")
+    args = parser.parse_args(argv)
+
+    bench = Bench(args.dir.resolve())
+    try:
+        generated = bench.base / "generated"
+        shutil.rmtree(generated, ignore_errors=True)
+        start = time.perf_counter()
+        manifest = sample.generate(generated, files=1, rows=args.rows, seed=42, defects=args.defects,
+                                   visitors=args.visitors)
+        info = manifest["files"]["report_1.txt"]
+        report = generated / "report_1.txt"
+        size_mb = report.stat().st_size / 1048576
+        print(f"generated {args.rows:,} rows ({size_mb:.0f} MiB, {args.visitors:,} visitor pool, "
+              f"{info['rejected_rows']:,} planted defects) in {time.perf_counter() - start:.1f}s")
+        truth = pl.read_parquet(generated / "truth.parquet")
+
+        floor = None
+        if not args.skip_floor:
+            # Raw COPY cannot take the planted defects (14/16 fields): the floor moves the same
+            # rows without them (same seed, within 1% of the size).
+            twin = sample.generate(bench.base / "floor-twin", files=1, rows=args.rows, seed=42,
+                                   defects=0.0, visitors=args.visitors)
+            twin_file = bench.base / "floor-twin" / "report_1.txt"
+            shutil.copyfile(twin_file, bench.remote / twin_file.name)
+            floor = bench.floor(twin_file)
+            (bench.remote / twin_file.name).unlink()
+            del twin
+        shutil.copyfile(report, bench.remote / report.name)
+        if floor:
+            print(f"floor:    {floor['total']:7.2f}s  (download {floor['download']:.2f}s, COPY raw "
+                  f"{floor['copy']:.2f}s, zip {floor['zip']:.2f}s)")
+        result = bench.pipeline("bench", args.workers)
+        print(f"pipeline: {result['seconds']:7.2f}s  with --workers {args.workers}")
+        if floor:
+            print(f"ratio pipeline/floor: {result['seconds'] / floor['total']:.2f}")
+        print("per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["stages"].items()))
+        print(f"peak RSS of the pipeline's process tree: {result['peak_rss_mb']:.0f} MiB")
+        counts = bench.counts("bench")
+        expected = {"statistics": info["valid_rows"], "errors_lines": info["rejected_rows"],
+                    "visitor": truth["email"].n_unique(), "files_loaded": 1}
+        ok = counts == expected
+        print(f"counts: {json.dumps(counts)} — {'as planted' if ok else 'EXPECTED ' + json.dumps(expected)}")
+
+        if args.many_files:
+            many = bench.base / "many"
+            shutil.rmtree(many, ignore_errors=True)
+            sample.generate(many, files=args.many_files, rows=1000, seed=7, defects=0.01)
+            for workers in (1, 2):
+                for path in many.glob("report_*.txt"):
+                    shutil.copyfile(path, bench.remote / path.name)
+                result = bench.pipeline(f"many{workers}", workers)
+                counts = bench.counts(f"many{workers}")
+                print(f"{args.many_files} files x 1,000 rows, --workers {workers}: {result['seconds']:.1f}s "
+                      f"({1000 * result['seconds'] / args.many_files:.0f} ms/file), "
+                      f"{counts['files_loaded']} files loaded, peak RSS {result['peak_rss_mb']:.0f} MiB")
+        return 0 if ok else 1
+    finally:
+        bench.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
