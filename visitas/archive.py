@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import shutil
+import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,12 +61,54 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def precompress(source: Path, target: Path, level: int) -> None:
+    """Deflate ``source`` into a one-member zip ``target`` (atomic), ahead of the archive step.
+
+    LoadPostgres does this in a thread while the database works, so that ArchiveZip only has to
+    copy the compressed bytes into the day's zip.
+    """
+    partial = target.with_name(target.name + ".partial")
+    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
+        archive.write(source, arcname=source.name)
+    os.replace(partial, target)
+
+
+def _append_compressed(archive: zipfile.ZipFile, packed: Path, member: str) -> None:
+    """Copy the single, already compressed member of ``packed`` into ``archive`` as ``member``."""
+    with zipfile.ZipFile(packed) as one:
+        [info] = one.infolist()
+    entry = zipfile.ZipInfo(member, date_time=info.date_time)
+    entry.compress_type, entry.CRC = info.compress_type, info.CRC
+    entry.compress_size, entry.file_size = info.compress_size, info.file_size
+    entry.external_attr = info.external_attr
+    zip64 = max(entry.file_size, entry.compress_size) > zipfile.ZIP64_LIMIT
+    with open(packed, "rb") as source:
+        source.seek(info.header_offset)
+        name_length, extra_length = struct.unpack("<HH", source.read(30)[26:30])
+        source.seek(info.header_offset + 30 + name_length + extra_length)
+        archive.fp.seek(archive.start_dir)
+        entry.header_offset = archive.fp.tell()
+        archive.fp.write(entry.FileHeader(zip64))
+        remaining = info.compress_size
+        while remaining:
+            chunk = source.read(min(_READ, remaining))
+            if not chunk:
+                raise ArchiveError(f"{packed} is truncated")
+            archive.fp.write(chunk)
+            remaining -= len(chunk)
+    archive.start_dir = archive.fp.tell()
+    archive.filelist.append(entry)
+    archive.NameToInfo[member] = entry
+    archive._didModify = True  # noqa: SLF001 - write the central directory on close
+
+
 def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: str,
-                   sha256: str, level: int = 1) -> str:
+                   sha256: str, level: int = 6, packed: Path | None = None) -> str:
     """Add ``source`` as ``member`` of the run date's zip; return ``zipname:member``.
 
-    Idempotent: a member with the same name and content is not added twice.  A different
-    content under the same name is kept too, under ``member.<sha8>``.
+    ``packed``: the same file already deflated by :func:`precompress` (its bytes are copied, not
+    compressed again).  Idempotent: a member with the same name and content is not added twice;
+    a different content under the same name is kept too, under ``member.<sha8>``.
     """
     backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     target = backup_dir / zip_name(run_date)
@@ -89,7 +132,10 @@ def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: st
             os.chmod(partial, 0o600)
             with zipfile.ZipFile(partial, "a", compression=zipfile.ZIP_DEFLATED,
                                  compresslevel=level) as archive:
-                archive.write(source, arcname=member)
+                if packed is not None and packed.exists():
+                    _append_compressed(archive, packed, member)
+                else:
+                    archive.write(source, arcname=member)
             _fsync(partial)
             with zipfile.ZipFile(partial) as archive:
                 got = member_sha256(archive, member)

@@ -1,10 +1,16 @@
-"""Frames -> PostgreSQL COPY text format, built column-wise by Polars (no per-row Python)."""
+"""Frames -> PostgreSQL COPY text format, built column-wise by Polars (no per-row Python).
+
+Escaping is only paid for where it is needed: a text column (or list column) in which no value
+holds a character that COPY or array syntax treats specially is written as it is.
+"""
 
 from __future__ import annotations
 
 import polars as pl
 
 NULL = r"\N"
+_COPY_SPECIAL = r"[\\\t\n\r\x00]"
+_ARRAY_SPECIAL = r'[\\"\t\n\r\x00]'
 
 
 def _escape_copy(value: pl.Expr) -> pl.Expr:
@@ -19,29 +25,39 @@ def _escape_copy(value: pl.Expr) -> pl.Expr:
     )
 
 
-def _array_literal(values: pl.Expr) -> pl.Expr:
-    """A list of strings -> a text[] literal: {"a","b"} with quotes and backslashes escaped."""
-    element = (
-        pl.element().str.replace_all("\\", "\\\\", literal=True)
-        .str.replace_all('"', '\\"', literal=True)
-    )
-    quoted = values.list.eval(pl.concat_str(pl.lit('"'), element, pl.lit('"')))
-    return pl.concat_str(pl.lit("{"), quoted.list.join(","), pl.lit("}"))
+def _array_literal(values: pl.Expr, plain: bool) -> pl.Expr:
+    """A list of strings -> a text[] literal: {"a","b"} (``{}`` when empty)."""
+    if plain:  # no element holds a quote, a backslash or a control character
+        joined = pl.concat_str(pl.lit('{"'), values.list.join('","'), pl.lit('"}'))
+    else:
+        element = (
+            pl.element().str.replace_all("\\", "\\\\", literal=True)
+            .str.replace_all('"', '\\"', literal=True)
+        )
+        quoted = values.list.eval(pl.concat_str(pl.lit('"'), element, pl.lit('"')))
+        joined = _escape_copy(pl.concat_str(pl.lit("{"), quoted.list.join(","), pl.lit("}")))
+    return pl.when(values.list.len() == 0).then(pl.lit("{}")).otherwise(joined)
 
 
-def _as_text(name: str, dtype: pl.DataType) -> pl.Expr:
+def _has_special(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> bool:
+    column = pl.col(name).explode() if isinstance(dtype, pl.List) else pl.col(name)
+    pattern = _ARRAY_SPECIAL if isinstance(dtype, pl.List) else _COPY_SPECIAL
+    return bool(frame.select(column.str.contains(pattern).any()).item())
+
+
+def _as_text(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
     column = pl.col(name)
     if isinstance(dtype, pl.List):
-        text = _array_literal(column)
+        text = _array_literal(column, plain=not _has_special(frame, name, dtype))
     elif isinstance(dtype, pl.Datetime):
         text = column.dt.strftime("%Y-%m-%d %H:%M:%S")
     elif isinstance(dtype, pl.Date):
         text = column.dt.strftime("%Y-%m-%d")
     elif dtype == pl.String:
-        text = column
+        text = _escape_copy(column) if _has_special(frame, name, dtype) else column
     else:
         text = column.cast(pl.String)
-    return _escape_copy(text).fill_null(NULL)
+    return text.fill_null(NULL)
 
 
 def copy_lines(frame: pl.DataFrame) -> bytes:
@@ -49,7 +65,7 @@ def copy_lines(frame: pl.DataFrame) -> bytes:
     if frame.height == 0:
         return b""
     line = pl.concat_str(
-        [_as_text(name, dtype) for name, dtype in frame.schema.items()], separator="\t"
+        [_as_text(frame, name, dtype) for name, dtype in frame.schema.items()], separator="\t"
     )
     text = frame.select(line.alias("line")).get_column("line").str.join("\n").item()
     return (text + "\n").encode("utf-8")

@@ -20,7 +20,7 @@ from visitas.copy_format import copy_lines
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 32 * 1024 * 1024
+BATCH_BYTES = 16 * 1024 * 1024
 _HEAD_BYTES = 64 * 1024
 _MAX_HEADER_BYTES = 1024 * 1024
 CHECKED_GLOB = "checked-*.parquet"

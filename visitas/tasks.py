@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import luigi
@@ -133,12 +134,27 @@ class LoadPostgres(FileTask):
     def run(self):
         started_at = dt.datetime.now(dt.timezone.utc)
         self.set_status_message(f"loading {self.file_name}")
-        row = db.database().load_file(Path(self.input()["split"].path), self.summary(), self.date,
-                                      RUN_ID, started_at)
+        # Deflate the backup while the database works (zlib releases the GIL): ArchiveZip then
+        # only copies the compressed bytes into the day's zip, after the commit.
+        packing = threading.Thread(target=self._precompress, name="precompress", daemon=True)
+        packing.start()
+        try:
+            row = db.database().load_file(Path(self.input()["split"].path), self.summary(),
+                                          self.date, RUN_ID, started_at)
+        finally:
+            packing.join()
         self.set_status_message(f"{row['status']}: {row['rows_loaded']} rows loaded, "
                                 f"{row['rows_rejected']} rejected")
         log.info("%s %s: %d rows read, %d loaded, %d rejected (load_log id %d)", self.file_name,
                  row["status"], row["rows_read"], row["rows_loaded"], row["rows_rejected"], row["id"])
+
+
+    def _precompress(self) -> None:
+        try:
+            archive.precompress(self.download_path(), self.file_state("backup.zip"),
+                                config.load().zip_level)
+        except OSError as error:  # ArchiveZip compresses it itself then
+            log.warning("could not precompress %s: %s", self.file_name, error)
 
 
 class ArchiveZip(FileTask):
@@ -157,7 +173,8 @@ class ArchiveZip(FileTask):
         member = self.file_name if status == "loaded" else f"{status}/{self.file_name}"
         self.set_status_message(f"archiving {member}")
         where = archive.add_to_archive(Path(config.paths().backup_dir), self.date,
-                                       self.download_path(), member, sha, config.load().zip_level)
+                                       self.download_path(), member, sha, config.load().zip_level,
+                                       packed=self.file_state("backup.zip"))
         database.mark_archived(self.file_name, sha, where)
         source = sftp.source()
         removed = False

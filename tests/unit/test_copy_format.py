@@ -27,3 +27,13 @@ def test_nul_bytes_are_kept_visible():
 
 def test_empty_frame_is_no_bytes():
     assert copy_lines(pl.DataFrame({"a": []}, schema={"a": pl.String})) == b""
+
+
+def test_plain_and_empty_arrays():
+    frame = pl.DataFrame({"tags": [["IE 9.0", "Chrome"], [], None]})
+    assert copy_lines(frame).decode().split("\n")[:3] == ['{"IE 9.0","Chrome"}', "{}", "\\N"]
+
+
+def test_timestamps_and_dates_need_no_escaping():
+    frame = pl.DataFrame({"d": [dt.date(2025, 1, 2)], "n": [7]})
+    assert copy_lines(frame) == b"2025-01-02\t7\n"

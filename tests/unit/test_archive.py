@@ -1,0 +1,64 @@
+"""The dated backup zip (local files only)."""
+
+import datetime as dt
+import hashlib
+import stat
+import zipfile
+
+import pytest
+
+from visitas import archive
+
+DAY = dt.date(2026, 11, 28)
+
+
+def _file(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("precompressed", [False, True])
+def test_members_are_added_byte_identical_and_private(tmp_path, precompressed):
+    backup = tmp_path / "bckp"
+    added = {}
+    for i, data in enumerate([b"a,b\r\n" * 5000, bytes(range(256)) * 100]):
+        path, sha = _file(tmp_path, f"report_{i}.txt", data)
+        packed = None
+        if precompressed:
+            packed = tmp_path / f"packed_{i}.zip"
+            archive.precompress(path, packed, level=6)
+        where = archive.add_to_archive(backup, DAY, path, path.name, sha, packed=packed)
+        assert where == f"visitas_20261128.zip:{path.name}"
+        added[path.name] = data
+    zip_path = backup / "visitas_20261128.zip"
+    with zipfile.ZipFile(zip_path) as result:
+        assert result.testzip() is None
+        assert {n: result.read(n) for n in result.namelist()} == added
+    assert stat.S_IMODE(zip_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o700
+
+
+def test_adding_again_is_idempotent_and_a_new_content_keeps_both(tmp_path):
+    backup = tmp_path / "bckp"
+    path, sha = _file(tmp_path, "report_1.txt", b"first")
+    archive.add_to_archive(backup, DAY, path, "report_1.txt", sha)
+    assert archive.add_to_archive(backup, DAY, path, "report_1.txt", sha).endswith(":report_1.txt")
+    path, sha2 = _file(tmp_path, "report_1.txt", b"second")
+    where = archive.add_to_archive(backup, DAY, path, "report_1.txt", sha2)
+    assert where.endswith(f":report_1.txt.{sha2[:8]}")
+    with zipfile.ZipFile(backup / "visitas_20261128.zip") as result:
+        assert result.read("report_1.txt") == b"first"
+        assert result.read(f"report_1.txt.{sha2[:8]}") == b"second"
+
+
+def test_a_wrong_checksum_leaves_the_previous_zip_untouched(tmp_path):
+    backup = tmp_path / "bckp"
+    path, sha = _file(tmp_path, "report_1.txt", b"good")
+    archive.add_to_archive(backup, DAY, path, "report_1.txt", sha)
+    before = (backup / "visitas_20261128.zip").read_bytes()
+    other, _ = _file(tmp_path, "report_2.txt", b"bad")
+    with pytest.raises(archive.ArchiveError, match="reads back with sha256"):
+        archive.add_to_archive(backup, DAY, other, "report_2.txt", "0" * 64)
+    assert (backup / "visitas_20261128.zip").read_bytes() == before
+    assert [p.name for p in backup.iterdir() if p.name.endswith(".partial")] == []
