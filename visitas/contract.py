@@ -11,6 +11,7 @@ that failed, each with the column, a reason code and a message naming the offend
 from __future__ import annotations
 
 import codecs
+import csv
 import dataclasses
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -41,7 +42,7 @@ NULL_MARKERS = ("", "-")
 _FIELD = r'("(?:[^"]|"")*"|[^,"]*)'
 _ROW_PATTERN = "^" + ",".join([_FIELD] * N_COLUMNS) + "$"
 _ANY_ROW_PATTERN = "^" + _FIELD + "(?:," + _FIELD + ")*$"
-_FIELD_PATTERN = r'(?:^|,)(?:"(?:[^"]|"")*"|[^,"]*)'
+_QUOTED = r'"(?:[^"]|"")*"'
 
 STATISTICS_SCHEMA: dict[str, pl.DataType] = {
     "email": pl.String, "jyv": pl.String, "badmail": pl.String, "baja": pl.String,
@@ -120,9 +121,8 @@ def _fold(name: str) -> str:
 
 
 def split_line(line: str) -> list[str]:
-    """Split one CSV line into unquoted fields (used for the header and in messages)."""
-    frame = pl.DataFrame({"line": [line]}).select(_fields_expr(pl.col("line")))
-    return frame.item().to_list()
+    """Split one CSV line into unquoted fields (the header)."""
+    return next(csv.reader([line], strict=False)) if line else [""]
 
 
 def check_header(header_line: str) -> None:
@@ -163,14 +163,6 @@ def lines_frame(text: str, first_line_no: int) -> pl.DataFrame:
     )
 
 
-def _fields_expr(line: pl.Expr) -> pl.Expr:
-    """A line as a list of unquoted field values (a lenient split, for counting and messages)."""
-    return (
-        line.str.extract_all(_FIELD_PATTERN)
-        .list.eval(_unquote(pl.element().str.strip_prefix(",")))
-    )
-
-
 def _unquote(field: pl.Expr) -> pl.Expr:
     is_quoted = field.str.starts_with('"') & field.str.ends_with('"') & (field.str.len_chars() >= 2)
     inner = field.str.slice(1, field.str.len_chars() - 2).str.replace_all('""', '"', literal=True)
@@ -205,7 +197,9 @@ def split_columns(lines: pl.DataFrame) -> pl.DataFrame:
     """
     lines = lines.with_columns(
         pl.col("line").str.contains(_ANY_ROW_PATTERN).alias("is_well_quoted"),
-        pl.col("line").str.count_matches(_FIELD_PATTERN).cast(pl.Int64).alias("field_count"),
+        # fields = 1 + commas outside quoted fields (exact for well-quoted lines)
+        (pl.col("line").str.replace_all(_QUOTED, "").str.count_matches(",", literal=True) + 1)
+        .cast(pl.Int64).alias("field_count"),
     )
     plain = (
         pl.col("is_well_quoted") & (pl.col("field_count") == N_COLUMNS)
@@ -215,14 +209,16 @@ def split_columns(lines: pl.DataFrame) -> pl.DataFrame:
     parts = []
     if fast.height:
         text = fast.get_column("line").str.join("\n").item() + "\n"
-        parsed = pl.read_csv(
-            text.encode("utf-8"), has_header=False, schema=dict.fromkeys(COLUMNS, pl.String),
-            quote_char='"', raise_if_empty=False)
-        if parsed.height == fast.height:
+        try:
+            parsed = pl.read_csv(
+                text.encode("utf-8"), has_header=False, schema=dict.fromkeys(COLUMNS, pl.String),
+                quote_char='"', raise_if_empty=False)
+        except pl.exceptions.PolarsError:
+            parsed = None
+        if parsed is not None and parsed.height == fast.height:
             parts.append(pl.concat([fast, parsed], how="horizontal"))
         else:  # never expected; the slow path is always right
             slow = lines
-            parts = []
     if slow.height or not parts:
         groups = pl.col("line").str.extract_groups(_ROW_PATTERN)
         parts.append(slow.with_columns(groups.alias("_groups")).with_columns(

@@ -1,0 +1,41 @@
+"""Property-based: arbitrary lines never crash validation, and every line ends up in exactly one
+of statistics or errors."""
+
+import polars as pl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from visitas import contract
+
+from .conftest import GOOD_ROW, row
+
+FIELD = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"),
+            max_size=12),
+    st.sampled_from(["", "-", '"', '""', '"a,b"', "08/02/2013 18:30", "31/02/2013 10:00", "-1",
+                     "3", "ana@example.com", "a@@b", "\x00", "\r", "SI", "josé@ejemplo.mx"]),
+)
+LINE = st.one_of(
+    st.lists(FIELD, min_size=0, max_size=18).map(",".join),
+    st.builds(lambda email, date, opens: row(email=email, fecha_envio=date, opens=opens),
+              FIELD.filter(lambda f: '"' not in f and "," not in f),
+              FIELD.filter(lambda f: '"' not in f and "," not in f),
+              FIELD.filter(lambda f: '"' not in f and "," not in f)),
+    st.just(GOOD_ROW),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(LINE, min_size=1, max_size=25))
+def test_every_line_is_statistics_or_error_never_both(lines):
+    lines = [line for line in lines if line.strip()]  # blank lines are not rows
+    frame = pl.DataFrame({"line_no": list(range(2, 2 + len(lines))), "line": lines},
+                         schema={"line_no": pl.Int64, "line": pl.String})
+    checked = contract.validate_lines(frame)
+    assert checked.height == len(lines)
+    stats = set(contract.statistics_rows(checked.lazy(), "f").collect()["line_no"].to_list())
+    errors = contract.error_rows(checked.lazy(), "f").collect()
+    error_lines = set(errors["line_no"].to_list())
+    assert not stats & error_lines
+    assert stats | error_lines == set(frame["line_no"].to_list())
+    assert errors["message"].null_count() == 0 and errors["reason"].null_count() == 0
