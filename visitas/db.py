@@ -366,6 +366,13 @@ class Database:
             raise LookupError(f"{file_name} has no load_log row: it was not loaded")
         return row[0]
 
+    def removed_at_source(self, file_name: str, run_date: dt.date) -> bool:
+        """A file of that name was handled and deleted at the source on this run date."""
+        row = self.run("reading load_log", lambda conn: conn.execute(self.q(
+            "SELECT 1 FROM {schema}.load_log WHERE file_name = %s AND run_date = %s"
+            " AND source_removed_at IS NOT NULL LIMIT 1"), (file_name, run_date)).fetchone())
+        return row is not None
+
     def mark_archived(self, file_name: str, sha256: str, archive: str) -> None:
         self.run("recording the archive", lambda conn: conn.execute(self.q(
             "UPDATE {schema}.load_log SET backup_archive = %s, archived_at = coalesce(archived_at, now())"

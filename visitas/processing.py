@@ -199,13 +199,13 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
             errors_out.write(copy_lines(errors))
             verdict.error_count += errors.height
             lazy_stats = statistics.lazy()
-            visitor_parts.append(visitors.visitor_rule(contract.visits(lazy_stats)).collect())
+            batch_visitors = visitors.visitor_rule(contract.visits(lazy_stats)).collect()
+            # Merge as we go: memory is bounded by the distinct visitors, not the file's size.
+            visitor_parts = [visitors.merge_rule(pl.concat([*visitor_parts, batch_visitors]).lazy())
+                             .collect()]
             for kind, count in contract.warning_counts(lazy_stats).collect().row(0, named=True).items():
                 warnings[kind] += count
-    visitor_rows = (
-        visitors.merge_rule(pl.concat(visitor_parts).lazy()).collect()
-        if visitor_parts else pl.DataFrame(schema=visitors.SUMMARY_SCHEMA)
-    )
+    visitor_rows = visitor_parts[0] if visitor_parts else pl.DataFrame(schema=visitors.SUMMARY_SCHEMA)
     visitor_rows.write_parquet(out_dir / "visitors.parquet")
     verdict.warnings = warnings
     summary = {**meta, **verdict.to_dict(), "visitors": visitor_rows.height}

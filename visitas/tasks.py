@@ -60,6 +60,17 @@ class FileTask(VisitasTask):
     def summary(self) -> dict:
         return json.loads(self.file_state("split", "summary.json").read_text())
 
+    def elsewhere_marker(self) -> Path:
+        return self.state_root() / "elsewhere" / sftp.check_safe(self.file_name)
+
+    def handled_elsewhere(self) -> bool:
+        """Another worker or host took this file (it vanished from the source after its load)."""
+        return self.elsewhere_marker().exists()
+
+    def complete(self) -> bool:
+        # A file taken by another worker or host completes every step of this chain.
+        return self.handled_elsewhere() or super().complete()
+
 
 class DownloadReport(FileTask):
     """Fetch one report: temporary name, size checked against the server, then renamed."""
@@ -69,7 +80,15 @@ class DownloadReport(FileTask):
 
     def run(self):
         self.set_status_message(f"downloading {self.file_name}")
-        sftp.source().download(self.file_name, self.download_path())
+        try:
+            sftp.source().download(self.file_name, self.download_path())
+        except FileNotFoundError:
+            if not db.database().removed_at_source(self.file_name, self.date):
+                raise
+            log.info("%s was loaded and removed by another worker or host: skipping it",
+                     self.file_name)
+            self.elsewhere_marker().parent.mkdir(parents=True, exist_ok=True)
+            self.elsewhere_marker().touch()
 
 
 class ValidateReport(FileTask):
@@ -82,6 +101,8 @@ class ValidateReport(FileTask):
         return luigi.LocalTarget(str(self.file_state("checked")))
 
     def run(self):
+        if self.handled_elsewhere():  # scheduled before another host took the file
+            return
         batch = config.load().batch_mb * 1024 * 1024
         with self.output().temporary_path() as tmp:
             verdict = processing.validate_report(Path(self.input().path), self.file_name, Path(tmp),
@@ -104,6 +125,8 @@ class SplitVisitorStats(FileTask):
         return luigi.LocalTarget(str(self.file_state("split")))
 
     def run(self):
+        if self.handled_elsewhere():  # scheduled before another host took the file
+            return
         with self.output().temporary_path() as tmp:
             summary = processing.split_report(Path(self.input().path), self.file_name, Path(tmp))
         self.set_status_message(f"{summary['rows_loaded']} statistics rows, "
@@ -132,6 +155,8 @@ class LoadPostgres(FileTask):
         return db.LoadLogTarget(self.file_name, verdict and verdict["sha256"], self.date)
 
     def run(self):
+        if self.handled_elsewhere():  # scheduled before another host took the file
+            return
         started_at = dt.datetime.now(dt.timezone.utc)
         self.set_status_message(f"loading {self.file_name}")
         # Deflate the backup while the database works (zlib releases the GIL): ArchiveZip then
@@ -167,6 +192,8 @@ class ArchiveZip(FileTask):
         return luigi.LocalTarget(str(self.state_root() / "archived" / f"{self.file_name}.json"))
 
     def run(self):
+        if self.handled_elsewhere():  # scheduled before another host took the file
+            return
         database = db.database()
         sha = self.verdict()["sha256"]
         status = database.file_status(self.file_name, sha)

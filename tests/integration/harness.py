@@ -160,6 +160,13 @@ path = {self.log_file}
             "visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64,
             "visitas_mes_actual": pl.Int64})
 
+    def load_count(self) -> int:
+        """Rows in load_log, 0 while the schema does not exist yet (for polling)."""
+        try:
+            return self.query("SELECT count(*) FROM load_log")[0][0]
+        except psycopg.errors.UndefinedTable:
+            return 0
+
     def loads(self) -> list[tuple]:
         return self.query("SELECT file_name, status, rows_read, rows_loaded, rows_rejected"
                           " FROM load_log ORDER BY id")

@@ -1,0 +1,174 @@
+"""Faults injected into real runs (real servers, real processes, the real `luigi` command).
+
+Each ends with a clean rerun, then: every file loaded exactly once, visitor counts equal to the
+rule over all visits, every file in a backup zip, nothing left at the source.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import subprocess
+import time
+
+import psycopg
+import pytest
+from polars.testing import assert_frame_equal
+
+from visitas import db
+
+from .harness import expected_visitors
+from .test_operations import _wait_for, _wait_until_blocked_on_a_lock
+
+FAST_RETRY = "[retry]\nattempts = 2\nfirst_delay = 0.2\nmax_delay = 0.2\n"
+
+
+def _assert_exactly_once(env, *manifests):
+    files = sorted(name for m in manifests for name in m["files"])
+    assert sorted(r[0] for r in env.loads() if r[1] == "loaded") == files
+    assert env.query("SELECT count(*) FROM load_log WHERE status = 'loaded'"
+                     " GROUP BY sha256 HAVING count(*) > 1") == []
+    truth = env.truth(*manifests)
+    assert env.query("SELECT count(*) FROM statistics") == [(truth.height,)]
+    assert_frame_equal(env.visitors(), expected_visitors(truth))
+    members = {name.split(":", 1)[1] for name in env.zip_members()}
+    assert set(files) <= members
+    assert env.remote_reports() == []
+    assert env.local_files() == []
+
+
+def test_sigkill_after_copy_before_commit(env):
+    manifest = env.generate(files=3, rows=300)
+    with psycopg.connect(env.dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
+        run = env.popen()
+        _wait_until_blocked_on_a_lock(env)  # COPY done, merge and commit not yet
+        run.process.kill()
+        run.process.wait()
+        holder.execute("SELECT pg_advisory_unlock(%s, 0)", (db.LOCK_VISITORS,))
+    assert env.loads() == []  # the killed transaction left nothing
+    assert env.query("SELECT count(*) FROM statistics") == [(0,)]
+    rerun = env.luigi()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_exactly_once(env, manifest)
+
+
+def test_sigkill_after_commit_before_archive(env):
+    manifest = env.generate(files=3, rows=300)
+    env.backup_dir.mkdir(mode=0o700)
+    lock_file = env.backup_dir / f".visitas_{time.strftime('%Y%m%d')}.zip.lock"
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # ArchiveZip will wait here, after the commit
+        run = env.popen()
+        assert _wait_for(lambda: env.load_count() == 1, 60)
+        time.sleep(0.5)
+        run.process.kill()
+        run.process.wait()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    assert len(env.loads()) == 1
+    assert len(env.remote_reports()) == 3  # committed, but not archived: not deleted
+    rerun = env.luigi()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_exactly_once(env, manifest)
+    assert len(env.loads()) == 3  # the committed file was not recorded again
+
+
+def test_connection_dropped_mid_download_never_loads_a_partial_file(make_env, tmp_path):
+    env = make_env(extra_cfg=FAST_RETRY)
+    manifest = env.generate(files=2, rows=3000)
+    size = (env.remote_dir / "report_1.txt").stat().st_size
+    env.sftp_server.stop()
+    env.sftp_server.drop_after_bytes = size // 3
+    env.sftp_server.start()
+    failed = env.luigi()
+    assert failed.returncode == 30, failed.stderr[-3000:]
+    assert env.loads() == []
+    assert env.local_files() == []  # no partial file left, none renamed into place
+    assert sorted(env.remote_reports()) == ["report_1.txt", "report_2.txt"]
+
+    env.sftp_server.stop()
+    env.sftp_server.drop_after_bytes = 0
+    env.sftp_server.start()
+    rerun = env.luigi()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_exactly_once(env, manifest)
+
+
+def test_unwritable_backup_dir_deletes_nothing(env):
+    manifest = env.generate(files=2, rows=100)
+    env.backup_dir.parent.mkdir(parents=True, exist_ok=True)
+    env.backup_dir.write_text("not a directory")  # unwritable even for root
+    failed = env.luigi()
+    assert failed.returncode == 30, failed.stderr[-3000:]
+    assert "cannot write" in failed.stderr or "File exists" in failed.stderr or "Not a directory" in failed.stderr
+    assert sorted(env.remote_reports()) == ["report_1.txt", "report_2.txt"]
+    assert len(env.loads()) == 2  # committed, kept, not deleted at the source
+    env.backup_dir.unlink()
+    rerun = env.luigi()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_exactly_once(env, manifest)
+
+
+def test_full_backup_disk_deletes_nothing(env):
+    manifest = env.generate(files=2, rows=2000)
+    env.backup_dir.mkdir(mode=0o700)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(env.backup_dir)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        failed = env.luigi()
+        assert failed.returncode == 30, failed.stderr[-3000:]
+        assert "No space left on device" in failed.stderr
+        assert sorted(env.remote_reports()) == ["report_1.txt", "report_2.txt"]
+        assert [p.name for p in env.backup_dir.iterdir() if not p.name.startswith(".")] == []
+    finally:
+        subprocess.run(["umount", str(env.backup_dir)], check=True)
+    rerun = env.luigi()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_exactly_once(env, manifest)
+
+
+def test_two_hosts_at_the_same_moment_load_each_file_once(make_env, tmp_path):
+    """Two runs with their own folders (two hosts) on one database and one SFTP server."""
+    env = make_env()
+    manifest = env.generate(files=6, rows=400, visitors=80)
+    other = tmp_path / "host2"
+    other.mkdir()
+    second_cfg = env.config.read_text().replace(str(env.download_dir), str(other / "download")) \
+        .replace(str(env.state_dir), str(other / "state")).replace(str(env.log_file), str(other / "log"))
+    (other / "luigi.cfg").write_text(second_cfg)
+    first = env.popen("--no-lock")
+    second = env.popen("--no-lock", env={"LUIGI_CONFIG_PATH": str(other / "luigi.cfg")})
+    out1, _ = first.communicate()
+    out2, _ = second.communicate()
+    # Counters exact and no file loaded twice, whatever each host did.
+    assert env.query("SELECT file_name FROM load_log WHERE status = 'loaded'"
+                     " GROUP BY file_name HAVING count(*) > 1") == []
+    # Both end cleanly, whichever host took which file (a file that vanished from the source
+    # after the other host loaded it is skipped, not failed).
+    assert first.returncode == 0, out1[-3000:]
+    assert second.returncode == 0, out2[-3000:]
+    truth = env.truth(manifest)
+    assert_frame_equal(env.visitors(), expected_visitors(truth))
+    assert env.remote_reports() == []
+    assert sorted(r[0] for r in env.loads() if r[1] == "loaded") == sorted(manifest["files"])
+
+
+def test_a_file_taken_by_another_host_is_skipped_not_failed(env, tmp_path):
+    """Host 2 listed report_1.txt, but host 1 loaded and removed it before host 2 downloaded it."""
+    env.generate(files=1, rows=50)
+    assert env.luigi().returncode == 0  # host 1
+    other = tmp_path / "host2"
+    other.mkdir()
+    cfg = env.config.read_text().replace(str(env.download_dir), str(other / "download")) \
+        .replace(str(env.state_dir), str(other / "state"))
+    (other / "luigi.cfg").write_text(cfg)
+    host2 = env.luigi("--file-name", "report_1.txt", task="ArchiveZip",
+                      env={"LUIGI_CONFIG_PATH": str(other / "luigi.cfg")})
+    assert host2.returncode == 0, host2.stderr[-3000:]
+    assert "was loaded and removed by another worker or host" in host2.stderr
+    assert [r[1] for r in env.loads()] == ["loaded"]
+
+    missing = env.luigi("--file-name", "report_7.txt", task="ArchiveZip",
+                        env={"LUIGI_CONFIG_PATH": str(other / "luigi.cfg")})
+    assert missing.returncode == 30  # gone without a trace in load_log: a real error
