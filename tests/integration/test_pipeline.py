@@ -145,18 +145,6 @@ def test_rejected_file_is_recorded_archived_and_removed(env):
     del manifest
 
 
-def test_unknown_host_key_is_refused_and_nothing_changes(env, ssh_keys, tmp_path):
-    env.generate(files=1, rows=20)
-    other = type(ssh_keys)(tmp_path / "other-keys")  # a different host key
-    known = tmp_path / "known_hosts"
-    known.write_text(other.known_hosts_line(env.sftp_server.port))
-    result = env.luigi()
-    assert result.returncode != 0
-    assert "Host key for server" in result.stderr or "host key" in result.stderr.lower()
-    assert env.remote_reports() == ["report_1.txt"]
-    assert env.local_files() == []
-
-
 def test_visitor_sql_matches_the_polars_rule_on_many_months(env):
     manifest = env.generate(files=4, rows=500, visitors=40, seed=3)
     assert env.luigi().returncode == 0
