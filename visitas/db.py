@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import luigi
@@ -260,13 +262,18 @@ class Database:
     # ------------------------------------------------------------------ the load
 
     def load_file(self, split_dir: Path, summary: dict, run_date: dt.date, run_id: str,
-                  started_at: dt.datetime) -> dict:
-        """Load one file's split outputs in one transaction; returns its load_log row."""
-        return self.run(f"loading {summary['source_file']}",
-                        lambda conn: self._load(conn, split_dir, summary, run_date, run_id, started_at))
+                  started_at: dt.datetime, statistics: Callable[[], Iterable[bytes]]) -> dict:
+        """Load one file in one transaction; returns its load_log row.
+
+        ``statistics()`` yields the statistics rows as COPY text chunks (called again if the
+        transaction is retried); ``split_dir`` holds ``errors.copy`` and ``visitors.parquet``.
+        """
+        return self.run(f"loading {summary['source_file']}", lambda conn: self._load(
+            conn, split_dir, summary, run_date, run_id, started_at, statistics))
 
     def _load(self, conn: psycopg.Connection, split_dir: Path, summary: dict, run_date: dt.date,
-              run_id: str, started_at: dt.datetime) -> dict:
+              run_id: str, started_at: dt.datetime,
+              statistics: Callable[[], Iterable[bytes]]) -> dict:
         name, sha = summary["source_file"], summary["sha256"]
         self._lock_file(conn, sha, name)
         existing = conn.execute(self.q(
@@ -297,8 +304,10 @@ class Database:
             warnings=json.dumps(summary.get("warnings", {})), visitors=summary.get("visitors", 0),
             **common)
         conn.execute("SELECT set_config('visitas.load_id', %s, true)", (str(load_id),))
-        self._copy_file(conn, "statistics", STATISTICS_COLUMNS, split_dir / "statistics.copy")
-        self._copy_file(conn, "errors", ERROR_COLUMNS, split_dir / "errors.copy")
+        if status == "loaded":
+            # The next batch is formatted in a thread while the server parses this one.
+            self._copy(conn, "statistics", STATISTICS_COLUMNS, prefetch(statistics()))
+        self._copy(conn, "errors", ERROR_COLUMNS, _file_chunks(split_dir / "errors.copy"))
         self._merge_visitors(conn, split_dir / "visitors.parquet")
         conn.execute(self.q("UPDATE {schema}.load_log SET finished_at = clock_timestamp() WHERE id = %s"),
                      (load_id,))
@@ -329,13 +338,13 @@ class Database:
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
         return cur.execute(self.q("SELECT * FROM {schema}.load_log WHERE id = %s"), (load_id,)).fetchone()
 
-    def _copy_file(self, conn: psycopg.Connection, table: str, columns: tuple[str, ...],
-                   path: Path) -> None:
+    def _copy(self, conn: psycopg.Connection, table: str, columns: tuple[str, ...],
+              chunks: Iterable[bytes]) -> None:
         query = sql.SQL("COPY {table} ({columns}) FROM STDIN").format(
             table=sql.Identifier(self.schema, table),
             columns=sql.SQL(", ").join(map(sql.Identifier, columns)))
-        with conn.cursor().copy(query) as copy, open(path, "rb") as handle:
-            while chunk := handle.read(COPY_CHUNK):
+        with conn.cursor().copy(query) as copy:
+            for chunk in chunks:
                 copy.write(chunk)
 
     def _merge_visitors(self, conn: psycopg.Connection, visitors_path: Path) -> None:
@@ -384,6 +393,45 @@ class Database:
             "UPDATE {schema}.load_log SET source_removed_at = now()"
             " WHERE file_name = %s AND sha256 = %s AND source_removed_at IS NULL"),
             (file_name, sha256)))
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(COPY_CHUNK):
+            yield chunk
+
+
+def prefetch(items: Iterable[bytes], depth: int = 2) -> Iterator[bytes]:
+    """Produce ``items`` in a thread, ``depth`` ahead of the consumer (Polars releases the GIL)."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(done)
+        except BaseException as error:  # handed to the consumer
+            ready.put(error)
+
+    worker = threading.Thread(target=produce, name="copy-formatter", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 _DATABASES: dict[int, Database] = {}

@@ -173,19 +173,44 @@ def _first_line(path: Path) -> str | None:
     return line.decode("utf-8", errors="replace")[:1000]
 
 
-def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
-    """Checked batches -> ``statistics.copy``, ``errors.copy``, ``visitors.parquet``, ``summary``.
+def statistics_batches(checked_dir: Path, source_file: str) -> Iterator[pl.DataFrame]:
+    """The valid rows of each checked batch, typed (what goes into ``statistics``)."""
+    for part in sorted(checked_dir.glob(CHECKED_GLOB)):
+        yield contract.statistics_rows(pl.scan_parquet(part), source_file).collect()
 
-    The COPY files are pre-formatted text, ready to stream into PostgreSQL as they are.
+
+def statistics_copy_chunks(checked_dir: Path, source_file: str) -> Iterator[bytes]:
+    """The statistics rows as COPY text, one chunk per batch (formatted on demand)."""
+    for statistics in statistics_batches(checked_dir, source_file):
+        yield copy_lines(statistics)
+
+
+VISITS_PER_MERGE = 4_000_000
+
+
+def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
+    """Checked batches -> ``errors.copy``, ``visitors.parquet`` (one summary per visitor) and
+    ``summary.json`` (the verdict, warnings and counts).
+
+    The statistics rows stay in the checked batches; LoadPostgres formats them for COPY while
+    the server loads the previous batch (:func:`statistics_copy_chunks`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = json.loads((checked_dir / VERDICT_FILE).read_text())
     verdict = contract.FileVerdict.from_dict(
         {k: v for k, v in meta.items() if k in contract.FileVerdict.__dataclass_fields__})
-    visitor_parts: list[pl.DataFrame] = []
     warnings = dict.fromkeys(contract.WARNING_KINDS, 0)
-    with open(out_dir / "statistics.copy", "wb") as stats_out, \
-            open(out_dir / "errors.copy", "wb") as errors_out:
+    merged: pl.DataFrame | None = None
+    pending: list[pl.DataFrame] = []
+
+    def summarise() -> pl.DataFrame | None:
+        # Memory stays bounded: visits are summarised every few million rows and merged.
+        parts = [visitors.visitor_rule(pl.concat(pending).lazy()).collect()]
+        pending.clear()
+        return visitors.merge_rule(pl.concat([*([merged] if merged is not None else []), *parts])
+                                   .lazy()).collect()
+
+    with open(out_dir / "errors.copy", "wb") as errors_out:
         if verdict.status == "rejected":
             rejection = contract.FileRejected(verdict.reason, verdict.message)
             errors = contract.file_error_row(source_file, rejection, meta.get("first_line"))
@@ -193,19 +218,18 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
             verdict.error_count = 1
         for part in sorted(checked_dir.glob(CHECKED_GLOB)):
             checked = pl.scan_parquet(part)
-            statistics = contract.statistics_rows(checked, source_file).collect()
             errors = contract.error_rows(checked, source_file).collect()
-            stats_out.write(copy_lines(statistics))
             errors_out.write(copy_lines(errors))
             verdict.error_count += errors.height
-            lazy_stats = statistics.lazy()
-            batch_visitors = visitors.visitor_rule(contract.visits(lazy_stats)).collect()
-            # Merge as we go: memory is bounded by the distinct visitors, not the file's size.
-            visitor_parts = [visitors.merge_rule(pl.concat([*visitor_parts, batch_visitors]).lazy())
-                             .collect()]
-            for kind, count in contract.warning_counts(lazy_stats).collect().row(0, named=True).items():
+            statistics = contract.statistics_rows(checked, source_file)
+            pending.append(contract.visits(statistics).collect())
+            for kind, count in contract.warning_counts(statistics).collect().row(0, named=True).items():
                 warnings[kind] += count
-    visitor_rows = visitor_parts[0] if visitor_parts else pl.DataFrame(schema=visitors.SUMMARY_SCHEMA)
+            if sum(p.height for p in pending) >= VISITS_PER_MERGE:
+                merged = summarise()
+    if pending:
+        merged = summarise()
+    visitor_rows = merged if merged is not None else pl.DataFrame(schema=visitors.SUMMARY_SCHEMA)
     visitor_rows.write_parquet(out_dir / "visitors.parquet")
     verdict.warnings = warnings
     summary = {**meta, **verdict.to_dict(), "visitors": visitor_rows.height}

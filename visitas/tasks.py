@@ -116,7 +116,10 @@ class ValidateReport(FileTask):
 
 
 class SplitVisitorStats(FileTask):
-    """Checked rows -> COPY-ready statistics and errors, and visits per visitor and month."""
+    """Checked rows -> errors (COPY-ready), one visitor summary per email, warnings and counts.
+
+    The statistics rows stay in ValidateReport's batches: LoadPostgres formats them for COPY
+    while the server loads the previous batch."""
 
     def requires(self):
         return ValidateReport(date=self.date, file_name=self.file_name)
@@ -164,8 +167,10 @@ class LoadPostgres(FileTask):
         packing = threading.Thread(target=self._precompress, name="precompress", daemon=True)
         packing.start()
         try:
-            row = db.database().load_file(Path(self.input()["split"].path), self.summary(),
-                                          self.date, RUN_ID, started_at)
+            checked = self.file_state("checked")
+            row = db.database().load_file(
+                Path(self.input()["split"].path), self.summary(), self.date, RUN_ID, started_at,
+                statistics=lambda: processing.statistics_copy_chunks(checked, self.file_name))
         finally:
             packing.join()
         self.set_status_message(f"{row['status']}: {row['rows_loaded']} rows loaded, "

@@ -22,6 +22,11 @@ def _copy_rows(path):
     return [line.split("\t") for line in path.read_text().splitlines()]
 
 
+def _statistics_rows(tmp_path):
+    chunks = processing.statistics_copy_chunks(tmp_path / "checked", "report_1.txt")
+    return [line.split("\t") for line in b"".join(chunks).decode().splitlines()]
+
+
 @pytest.mark.parametrize("eol", ["\n", "\r\n"])
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp1252"])
 def test_encodings_and_line_ends(tmp_path, eol, encoding):
@@ -30,7 +35,7 @@ def test_encodings_and_line_ends(tmp_path, eol, encoding):
     verdict, summary = _run(tmp_path, text.encode(encoding))
     assert (verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected) == (2, 1, 1)
     assert verdict.encoding == encoding
-    [stats] = _copy_rows(tmp_path / "split" / "statistics.copy")
+    [stats] = _statistics_rows(tmp_path)
     assert stats[13] == '{"Explorador móvil"}'
     [error] = _copy_rows(tmp_path / "split" / "errors.copy")
     assert error[:4] == ["report_1.txt", "3", "Opens", "invalid_count"]
@@ -43,7 +48,7 @@ def test_mixed_line_ends_and_small_batches_keep_line_numbers(tmp_path):
     assert (verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected) == (40, 32, 8)
     errors = _copy_rows(tmp_path / "split" / "errors.copy")
     assert [int(e[1]) for e in errors] == [i + 1 for i in range(5, 41, 5)]
-    stats = _copy_rows(tmp_path / "split" / "statistics.copy")
+    stats = _statistics_rows(tmp_path)
     assert [int(s[16]) for s in stats] == [i + 1 for i in range(1, 41) if i % 5]
     assert summary["rows_read"] == summary["rows_loaded"] + summary["rows_rejected"]
 
@@ -61,7 +66,7 @@ def test_file_level_rejections(tmp_path, data, reason):
     assert summary["sha256"] and summary["error_count"] == 1
     [error] = _copy_rows(tmp_path / "split" / "errors.copy")
     assert error[2:4] == ["(file)", reason]
-    assert (tmp_path / "split" / "statistics.copy").read_bytes() == b""
+    assert _statistics_rows(tmp_path) == []
 
 
 def test_visitor_summaries_are_written(tmp_path):

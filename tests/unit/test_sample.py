@@ -27,8 +27,8 @@ def test_every_planted_defect_is_reported_with_its_line(tmp_path):
         planted = {n for lines in info["defects"].values() for n in lines}
         assert error_lines == planted
         assert all(info["defects"][kind] for kind in sample.DEFECT_KINDS)
-        stats_lines = [int(line.split("\t")[16])
-                       for line in (split / "statistics.copy").read_text().splitlines()]
+        stats = b"".join(processing.statistics_copy_chunks(checked, name)).decode()
+        stats_lines = [int(line.split("\t")[16]) for line in stats.splitlines()]
         assert stats_lines == truth.filter(pl.col("source_file") == name)["line_no"].to_list()
 
 
