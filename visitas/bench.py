@@ -48,6 +48,7 @@ class Bench:
         self.cluster = devservers.PostgresCluster(base / "pg", fsync=True).init().start()
         self.keys = devservers.SshKeys(base / "keys")
         self.remote = base / "sftp" / REMOTE_DIR
+        shutil.rmtree(self.remote, ignore_errors=True)  # nothing left from an interrupted run
         self.remote.mkdir(parents=True, exist_ok=True)
         self.server = devservers.SftpServer(base / "sftp", self.keys).start()
         self.known_hosts = self.keys.write_known_hosts(base / "known_hosts", self.server.port)
@@ -98,6 +99,9 @@ class Bench:
         cfg.write_text(f"""[core]
 log_level = WARNING
 autoload_range = false
+[worker]
+wait_interval = 0.2
+wait_jitter = 0.2
 [sftp]
 host = 127.0.0.1
 port = {self.server.port}
