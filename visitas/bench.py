@@ -118,11 +118,7 @@ backup_dir = {workers_dir / 'bckp'}
 state_dir = {workers_dir / 'state'}
 [logfile]
 path = {workers_dir / 'visitas.log'}
-[retcode]
-task_failed = 30
-scheduling_error = 35
-unhandled_exception = 40
-""")
+""" + devservers.RETCODE_SECTION)
         return cfg
 
     def pipeline(self, schema: str, workers: int = 1) -> dict:
@@ -210,13 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_floor:
             # Raw COPY cannot take the planted defects (14/16 fields): the floor moves the same
             # rows without them (same seed, within 1% of the size).
-            twin = sample.generate(bench.base / "floor-twin", files=1, rows=args.rows, seed=42,
-                                   defects=0.0, visitors=args.visitors)
+            sample.generate(bench.base / "floor-twin", files=1, rows=args.rows, seed=42,
+                            defects=0.0, visitors=args.visitors)
             twin_file = bench.base / "floor-twin" / "report_1.txt"
             shutil.copyfile(twin_file, bench.remote / twin_file.name)
             floor = bench.floor(twin_file)
             (bench.remote / twin_file.name).unlink()
-            del twin
         shutil.copyfile(report, bench.remote / report.name)
         if floor:
             print(f"floor:    {floor['total']:7.2f}s  (download {floor['download']:.2f}s, COPY raw "

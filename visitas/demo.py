@@ -46,14 +46,7 @@ state_dir = {base / 'state'}
 [logfile]
 path = {base / 'logs' / 'visitas.log'}
 level = WARNING
-[retcode]
-already_running = 10
-missing_data = 20
-not_run = 25
-task_failed = 30
-scheduling_error = 35
-unhandled_exception = 40
-"""
+""" + devservers.RETCODE_SECTION
 
 
 def _upload(base: Path, remote: Path) -> list[str]:

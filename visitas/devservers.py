@@ -27,6 +27,15 @@ import time
 from pathlib import Path
 
 PG_SYSTEM_USER = "visitas-pg"
+# The exit codes of luigi.cfg, for the configurations written by the demo, tests and benchmark.
+RETCODE_SECTION = """[retcode]
+already_running = 10
+missing_data = 20
+not_run = 25
+task_failed = 30
+scheduling_error = 35
+unhandled_exception = 40
+"""
 
 
 def free_port() -> int:

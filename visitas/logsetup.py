@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
 from pathlib import Path
 
@@ -49,11 +50,13 @@ class SecretFilter(logging.Filter):
 
 
 def configure() -> None:
-    """Attach handlers to the ``visitas`` logger (and Luigi's, for the file) once."""
+    """Once per process: files private to the ETL user (reports hold personal data), and
+    handlers on the ``visitas`` logger (and Luigi's, for the file)."""
     global _configured
     if _configured:
         return
     _configured = True
+    os.umask(0o077)
     from visitas import config
 
     settings = config.logfile()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -83,3 +86,18 @@ def own_pg():
     cluster.init().start()
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture
+def luigid(tmp_path):
+    """A real luigid on a free port; yields the port."""
+    port = devservers.free_port()
+    (tmp_path / "luigid-logs").mkdir()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("luigid")), "--port", str(port), "--address", "127.0.0.1",
+         "--state-path", str(tmp_path / "luigid.pickle"), "--logdir", str(tmp_path / "luigid-logs")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    devservers.wait_for_port(port)
+    yield port
+    process.terminate()
+    process.wait(10)

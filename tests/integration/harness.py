@@ -17,15 +17,7 @@ from psycopg import sql
 from visitas import devservers, sample
 
 REMOTE_DIR = "home/vinkOS/archivosVisitas"
-RETCODES = """
-[retcode]
-already_running = 10
-missing_data = 20
-not_run = 25
-task_failed = 30
-scheduling_error = 35
-unhandled_exception = 40
-"""
+RETCODES = devservers.RETCODE_SECTION
 LUIGI = str(Path(sys.executable).with_name("luigi"))
 
 
@@ -84,12 +76,15 @@ path = {self.log_file}
     # ------------------------------------------------------------------ running
 
     def luigi(self, *args: str, timeout: float = 300, env: dict | None = None,
-              task: str = "RunAll") -> subprocess.CompletedProcess:
-        """The real command, as cron runs it (a fresh interpreter, our config)."""
+              task: str = "RunAll", scheduler_port: int | None = None) -> subprocess.CompletedProcess:
+        """The real command, as cron runs it (a fresh interpreter, our config); with
+        ``scheduler_port``, against that luigid instead of a local scheduler."""
         environment = {**os.environ, "LUIGI_CONFIG_PATH": str(self.config),
                        "VISITAS_TEST_PIPELINE_DSN": self.dsn, **(env or {})}
         environment.pop("VISITAS_RUN_ID", None)
-        return subprocess.run([LUIGI, "--module", "visitas", task, "--local-scheduler", *args],
+        scheduler = (["--scheduler-host", "127.0.0.1", "--scheduler-port", str(scheduler_port)]
+                     if scheduler_port else ["--local-scheduler"])
+        return subprocess.run([LUIGI, "--module", "visitas", task, *scheduler, *args],
                               cwd=self.tmp, env=environment, capture_output=True, text=True,
                               timeout=timeout)
 

@@ -28,7 +28,7 @@ def smtp():
 
 
 def _notify_cfg(smtp, **extra) -> str:
-    lines = [f"[notify]", f"smtp_host = 127.0.0.1", f"smtp_port = {smtp.port}",
+    lines = ["[notify]", "smtp_host = 127.0.0.1", f"smtp_port = {smtp.port}",
              "sender = visitas@example.com", "recipients = ops@example.com, data@example.com"]
     lines += [f"{k} = {v}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
@@ -151,43 +151,28 @@ def test_monthly_report_command(env):
     assert lines[0].startswith("month,file_name") and lines[-1].startswith("2026-11,TOTAL,1,")
 
 
-def test_luigid_shows_every_task_done_and_no_secret(make_env, tmp_path):
+def test_luigid_shows_every_task_done_and_no_secret(make_env, luigid):
     env = make_env(password="pw-" + "x" * 12)
     env.generate(files=2, rows=50)
-    port = devservers.free_port()
-    (tmp_path / "luigid-logs").mkdir()
-    luigid = subprocess.Popen(
-        [str(Path(sys.executable).with_name("luigid")), "--port", str(port), "--address", "127.0.0.1",
-         "--state-path", str(tmp_path / "luigid.pickle"), "--logdir", str(tmp_path / "luigid-logs")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        devservers.wait_for_port(port)
-        environ = {**os.environ, "LUIGI_CONFIG_PATH": str(env.config), "VISITAS_TEST_PIPELINE_DSN": env.dsn}
-        run = subprocess.run([str(Path(sys.executable).with_name("luigi")), "--module", "visitas", "RunAll",
-                              "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)],
-                             cwd=env.tmp, env=environ, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        query = urllib.parse.quote(json.dumps({"status": "DONE"}))
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task_list?data={query}") as response:
-            tasks = json.load(response)["response"]
-        families = {t["name"] for t in tasks.values()}
-        assert {"RunAll", "DownloadReport", "ValidateReport", "SplitVisitorStats", "LoadPostgres",
-                "ArchiveZip", "PrepareRun"} <= families
-        archive = [t for t in tasks.values() if t["name"] == "ArchiveZip"]
-        assert {t["params"]["file_name"] for t in archive} == {"report_1.txt", "report_2.txt"}
-        loads = [task_id for task_id, t in tasks.items() if t["name"] == "LoadPostgres"]
-        for task_id in loads:
-            data = urllib.parse.quote(json.dumps({"task_id": task_id}))
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/api/get_task_status_message?data={data}") as response:
-                message = json.load(response)["response"]["statusMessage"]
-            assert message.startswith("loaded: ") and "rows loaded" in message
-        shown = json.dumps(tasks)
-        assert env.dsn.split(":")[2].split("@")[0] not in shown  # the DB password
-        assert "x" * 12 not in shown
-    finally:
-        luigid.terminate()
-        luigid.wait(10)
+    run = env.luigi(scheduler_port=luigid)
+    assert run.returncode == 0, run.stderr[-2000:]
+    query = urllib.parse.quote(json.dumps({"status": "DONE"}))
+    with urllib.request.urlopen(f"http://127.0.0.1:{luigid}/api/task_list?data={query}") as response:
+        tasks = json.load(response)["response"]
+    families = {t["name"] for t in tasks.values()}
+    assert {"RunAll", "DownloadReport", "ValidateReport", "SplitVisitorStats", "LoadPostgres",
+            "ArchiveZip", "PrepareRun"} <= families
+    archive = [t for t in tasks.values() if t["name"] == "ArchiveZip"]
+    assert {t["params"]["file_name"] for t in archive} == {"report_1.txt", "report_2.txt"}
+    for task_id in [task_id for task_id, t in tasks.items() if t["name"] == "LoadPostgres"]:
+        data = urllib.parse.quote(json.dumps({"task_id": task_id}))
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{luigid}/api/get_task_status_message?data={data}") as response:
+            message = json.load(response)["response"]["statusMessage"]
+        assert message.startswith("loaded: ") and "rows loaded" in message
+    shown = json.dumps(tasks)
+    assert env.dsn.split(":")[2].split("@")[0] not in shown  # the DB password
+    assert "x" * 12 not in shown
 
 
 def _wait_until_blocked_on_a_lock(env, timeout=60.0) -> None:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
-import subprocess
-import sys
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import psycopg
 
@@ -37,15 +33,9 @@ def test_changed_host_key_is_refused(env, ssh_keys, tmp_path):
     assert env.remote_reports() == ["report_1.txt"]
 
 
-def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, tmp_path, own_pg):
+def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, own_pg, luigid):
     sftp_password = "sftp-" + "Q7" * 10
     smtp = devservers.SmtpServer().start()
-    port = devservers.free_port()
-    (tmp_path / "luigid-logs").mkdir()
-    luigid = subprocess.Popen(
-        [str(Path(sys.executable).with_name("luigid")), "--port", str(port), "--address", "127.0.0.1",
-         "--state-path", str(tmp_path / "luigid.pickle"), "--logdir", str(tmp_path / "luigid-logs")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         env = make_env(password=sftp_password, dsn=own_pg.dsn(),
                        extra_cfg="[sftp]\nkey_file =\n" + _notify_cfg(smtp, send_always="true"))
@@ -56,12 +46,7 @@ def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, tmp_path,
             BEGIN IF NEW.source_file = 'report_2.txt' THEN RAISE EXCEPTION 'failure'; END IF;
             RETURN NEW; END $$;
             CREATE TRIGGER boom BEFORE INSERT ON statistics FOR EACH ROW EXECUTE FUNCTION boom();""")
-        devservers.wait_for_port(port)
-        environ = {**os.environ, "LUIGI_CONFIG_PATH": str(env.config),
-                   "VISITAS_TEST_PIPELINE_DSN": env.dsn}
-        run = subprocess.run([str(Path(sys.executable).with_name("luigi")), "--module", "visitas",
-                              "RunAll", "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)],
-                             cwd=env.tmp, env=environ, capture_output=True, text=True, timeout=300)
+        run = env.luigi(scheduler_port=luigid)
         assert run.returncode == 30  # a failure happened, with its traceback printed
         assert "Traceback" in run.stderr
         # A database outage too: its errors go through the same logs.
@@ -69,7 +54,7 @@ def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, tmp_path,
         down = env.luigi()
         own_pg.start()
         assert _wait_for(lambda: len(smtp.messages) >= 2)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task_list?data="
+        with urllib.request.urlopen(f"http://127.0.0.1:{luigid}/api/task_list?data="
                                     + urllib.parse.quote(json.dumps({}))) as response:
             luigid_view = response.read().decode()
         state_files = " ".join(p.read_text(errors="replace") for p in env.state_dir.rglob("*")
@@ -82,8 +67,6 @@ def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, tmp_path,
         assert sftp_password not in everything
         assert own_pg.password not in everything
     finally:
-        luigid.terminate()
-        luigid.wait(10)
         smtp.stop()
 
 
