@@ -61,8 +61,3 @@ def merge_rule(summaries: pl.LazyFrame) -> pl.LazyFrame:
         .select([pl.col(name).cast(dtype) for name, dtype in SUMMARY_SCHEMA.items()])
         .sort("email")
     )
-
-
-def as_yyyymmdd(column: str) -> pl.Expr:
-    """Dates are reported as ``yyyymmdd``."""
-    return pl.col(column).dt.strftime("%Y%m%d")

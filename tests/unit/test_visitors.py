@@ -35,11 +35,6 @@ def test_counters_follow_the_latest_visit():
     assert_frame_equal(result, expected)
 
 
-def test_dates_are_reported_as_yyyymmdd():
-    frame = pl.DataFrame({"d": [dt.date(2025, 3, 9)]})
-    assert frame.select(visitors.as_yyyymmdd("d")).item() == "20250309"
-
-
 def test_merge_rule_keeps_only_the_latest_year_and_month():
     earlier = _visits(("a@x.mx", dt.datetime(2024, 5, 1)), ("a@x.mx", dt.datetime(2024, 5, 9)))
     later = _visits(("a@x.mx", dt.datetime(2025, 5, 2)))
