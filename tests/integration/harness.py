@@ -147,6 +147,26 @@ path = {self.log_file}
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
             conn.execute(text)
 
+    def fail_loads_of(self, file_name: str, message: str = "injected failure") -> None:
+        """A real database error whenever that file's statistics are inserted (a trigger)."""
+        from visitas.db import Database
+
+        Database(self.dsn, self.schema).connection().close()  # the schema must exist first
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+            conn.execute(sql.SQL("""
+                CREATE FUNCTION visitas_test_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.source_file = {file} THEN RAISE EXCEPTION {message}; END IF;
+                    RETURN NEW;
+                END $$;
+                CREATE TRIGGER visitas_test_fault BEFORE INSERT ON statistics
+                    FOR EACH ROW EXECUTE FUNCTION visitas_test_fault();""").format(
+                file=sql.Literal(file_name), message=sql.Literal(message)))
+
+    def stop_failing(self) -> None:
+        self.execute("DROP TRIGGER visitas_test_fault ON statistics")
+
     def visitors(self) -> pl.DataFrame:
         rows = self.query("SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales,"
                           " visitas_anio_actual, visitas_mes_actual FROM visitor ORDER BY email")

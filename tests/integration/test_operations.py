@@ -102,12 +102,7 @@ def test_failed_task_mails_the_run_report_and_luigis_own_error_mail(make_env, sm
                   f"force_send = true\n[smtp]\nhost = 127.0.0.1\nport = {smtp.port}\n")
     env = make_env(extra_cfg=_notify_cfg(smtp) + luigi_mail)
     env.generate(files=2, rows=60)
-    db.Database(env.dsn, env.schema).connection()
-    env.execute("""
-        CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN IF NEW.source_file = 'report_2.txt' THEN RAISE EXCEPTION 'disk on fire'; END IF;
-        RETURN NEW; END $$;
-        CREATE TRIGGER boom BEFORE INSERT ON statistics FOR EACH ROW EXECUTE FUNCTION boom();""")
+    env.fail_loads_of("report_2.txt", "disk on fire")
     result = env.luigi()
     assert result.returncode == 30
     assert _wait_for(lambda: len(smtp.messages) >= 2)

@@ -8,8 +8,6 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from visitas import db
-
 from .conftest import SFTP_KINDS
 from .harness import expected_visitors
 
@@ -77,22 +75,14 @@ def test_same_content_under_a_new_name_is_a_duplicate(env):
 
 def test_rerun_after_a_failure_in_load_postgres_loads_every_file_once(env):
     manifest = env.generate(files=3, rows=300, defects=0.05)
-    db.Database(env.dsn, env.schema).connection()  # create the schema to put a fault in it
-    env.execute("""
-        CREATE FUNCTION fail_report_2() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.source_file = 'report_2.txt' THEN RAISE EXCEPTION 'injected failure'; END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER fail_report_2 BEFORE INSERT ON statistics
-            FOR EACH ROW EXECUTE FUNCTION fail_report_2();""")
+    env.fail_loads_of("report_2.txt")
 
     failed = env.luigi()
     assert failed.returncode == 30, failed.stderr[-3000:]  # [retcode] task_failed
     assert sorted(r[0] for r in env.loads()) == ["report_1.txt", "report_3.txt"]
     assert env.remote_reports() == ["report_2.txt"]  # nothing deleted before it is committed
 
-    env.execute("DROP TRIGGER fail_report_2 ON statistics")
+    env.stop_failing()
     rerun = env.luigi()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     _assert_loaded_exactly_as_planted(env, manifest)

@@ -40,12 +40,7 @@ def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, own_pg, l
         env = make_env(password=sftp_password, dsn=own_pg.dsn(),
                        extra_cfg="[sftp]\nkey_file =\n" + _notify_cfg(smtp, send_always="true"))
         env.generate(files=2, rows=100, defects=0.05)
-        db.Database(env.dsn, env.schema).connection()
-        env.execute("""
-            CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN IF NEW.source_file = 'report_2.txt' THEN RAISE EXCEPTION 'failure'; END IF;
-            RETURN NEW; END $$;
-            CREATE TRIGGER boom BEFORE INSERT ON statistics FOR EACH ROW EXECUTE FUNCTION boom();""")
+        env.fail_loads_of("report_2.txt")
         run = env.luigi(scheduler_port=luigid)
         assert run.returncode == 30  # a failure happened, with its traceback printed
         assert "Traceback" in run.stderr
