@@ -276,9 +276,9 @@ class Database:
               statistics: Callable[[], Iterable[bytes]]) -> dict:
         name, sha = summary["source_file"], summary["sha256"]
         self._lock_file(conn, sha, name)
-        existing = conn.execute(self.q(
-            "SELECT id, file_name, run_date, status FROM {schema}.load_log WHERE sha256 = %s"
-            " ORDER BY (status = 'loaded') DESC, id LIMIT 1"), (sha,)).fetchone()
+        loaded = conn.execute(self.q(
+            "SELECT id, file_name, run_date FROM {schema}.load_log"
+            " WHERE sha256 = %s AND status = 'loaded'"), (sha,)).fetchone()
         same = conn.execute(self.q(
             "SELECT id FROM {schema}.load_log WHERE file_name = %s AND sha256 = %s"
             " AND (run_date = %s OR archived_at IS NULL) LIMIT 1"), (name, sha, run_date)).fetchone()
@@ -288,13 +288,13 @@ class Database:
         common = dict(file_name=name, sha256=sha, size_bytes=summary["size"], run_date=run_date,
                       run_id=run_id, host=socket.gethostname(), encoding=summary.get("encoding"),
                       started_at=started_at, rows_read=summary["rows_read"])
-        if existing and existing[3] == "loaded":
-            load_id = self._insert_log(conn, status="duplicate", duplicate_of=existing[0],
+        if loaded:
+            load_id = self._insert_log(conn, status="duplicate", duplicate_of=loaded[0],
                                        reason="duplicate",
-                                       message=f"same content as {existing[1]} (run {existing[2]},"
-                                               f" load_log id {existing[0]}); not loaded again",
+                                       message=f"same content as {loaded[1]} (run {loaded[2]},"
+                                               f" load_log id {loaded[0]}); not loaded again",
                                        **{**common, "rows_read": 0})
-            log.warning("%s is a duplicate of %s (sha256 %s…): not loaded", name, existing[1], sha[:12])
+            log.warning("%s is a duplicate of %s (sha256 %s…): not loaded", name, loaded[1], sha[:12])
             return self._log_row(conn, load_id)
         status = "rejected" if summary["status"] == "rejected" else "loaded"
         load_id = self._insert_log(
