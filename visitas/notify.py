@@ -71,6 +71,16 @@ def _at_exit(pid: int, run_date: dt.date) -> None:
         send_run_report(run_date)
     except Exception as error:  # the report must never hide the run's own exit code
         log.error("could not send the run report: %s", logsetup.mask(str(error)))
+    prune_failure_files()
+
+
+def prune_failure_files(keep_days: int = 30) -> None:
+    """Failure records older than ``keep_days`` are no longer needed by any report."""
+    folder = failures_file().parent
+    limit = dt.datetime.now().timestamp() - keep_days * 86400
+    for path in folder.glob("*.jsonl") if folder.exists() else []:
+        if path.stat().st_mtime < limit:
+            path.unlink(missing_ok=True)
 
 
 def _read_failures() -> list[dict]:

@@ -62,3 +62,4 @@ def test_a_wrong_checksum_leaves_the_previous_zip_untouched(tmp_path):
         archive.add_to_archive(backup, DAY, other, "report_2.txt", "0" * 64)
     assert (backup / "visitas_20261128.zip").read_bytes() == before
     assert [p.name for p in backup.iterdir() if p.name.endswith(".partial")] == []
+

@@ -1,0 +1,52 @@
+"""The run report's pure parts: composing the mail, pruning old failure records."""
+
+from visitas import notify
+
+
+def _report(**extra):
+    base = {"run_id": "abc", "run_date": "2026-11-28", "reasons": [], "errors": [],
+            "failures": [], "database_error": None, "files": [
+                {"file_name": "report_1.txt", "status": "loaded", "rows_read": 10, "rows_loaded": 9,
+                 "rows_rejected": 1, "message": None},
+                {"file_name": "report_2.txt", "status": "duplicate", "rows_read": 0,
+                 "rows_loaded": 0, "rows_rejected": 0, "message": "same content as report_1.txt"}]}
+    return {**base, **extra}
+
+
+def test_subject_counts_and_capped_attachment():
+    errors = [{"source_file": "report_1.txt", "line_no": n, "column_name": "Opens",
+               "reason": "invalid_count", "message": "Opens 'x' is not a non-negative integer",
+               "raw_line": "a,b"} for n in range(2, 5)]
+    message = notify.compose(_report(errors=errors), "etl@example.com", ["a@example.com"], limit=3)
+    assert message["Subject"] == ("[visitas] run 2026-11-28: 1 loaded, 0 rejected, 1 duplicate, "
+                                  "0 failed, 1 rows rejected")
+    body = message.get_body(("plain",)).get_content()
+    assert "report_2.txt" in body and "same content as report_1.txt" in body
+    [attachment] = list(message.iter_attachments())
+    text = attachment.get_content()
+    assert text.count("invalid_count") == 3 and "capped at 3 rows" in text
+
+
+def test_needs_mail_only_for_problems():
+    clean = _report(files=[_report()["files"][0] | {"rows_rejected": 0}])
+    assert not notify.needs_mail(clean)
+    assert notify.needs_mail(_report())
+    assert notify.needs_mail(clean | {"failures": [{"task": "t", "file": None, "error": "e", "at": "x"}]})
+
+
+def test_old_failure_records_are_pruned(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from visitas import notify
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    old, new = runs / "old.jsonl", runs / "new.jsonl"
+    old.write_text("{}\n")
+    new.write_text("{}\n")
+    forty_days_ago = time.time() - 40 * 86400
+    os.utime(old, (forty_days_ago, forty_days_ago))
+    monkeypatch.setattr(notify, "failures_file", lambda: runs / "current.jsonl")
+    notify.prune_failure_files(keep_days=30)
+    assert sorted(p.name for p in runs.iterdir()) == ["new.jsonl"]
