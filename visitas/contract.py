@@ -426,14 +426,6 @@ class FileVerdict:
     message: str | None = None
     warnings: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(WARNING_KINDS, 0))
 
-    def add(self, other: "FileVerdict") -> None:
-        self.rows_read += other.rows_read
-        self.rows_loaded += other.rows_loaded
-        self.rows_rejected += other.rows_rejected
-        self.error_count += other.error_count
-        for kind, count in other.warnings.items():
-            self.warnings[kind] = self.warnings.get(kind, 0) + count
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -157,6 +157,12 @@ ON CONFLICT (email) DO UPDATE SET
 """
 
 
+# LoadPostgres's completion marker: this content under this name was handled, by this run date
+# or not yet archived (a crash between commit and archive is finished by a later run).
+HANDLED = ("SELECT id FROM {schema}.load_log WHERE file_name = %s AND sha256 = %s"
+           " AND (run_date = %s OR archived_at IS NULL) LIMIT 1")
+
+
 def _q(template: str, schema: str) -> sql.Composed:
     return sql.SQL(template).format(schema=sql.Identifier(schema))
 
@@ -226,21 +232,18 @@ class Database:
 
         return retrying.retry_call(what, attempt, on_retry=self.close, **self.retry)
 
+    def _fetch_one(self, what: str, template: str, params: tuple) -> tuple | None:
+        return self.run(what, lambda conn: conn.execute(self.q(template), params).fetchone())
+
     # ------------------------------------------------------------------ markers
 
     def load_recorded(self, file_name: str, sha256: str, run_date: dt.date) -> bool:
-        """LoadPostgres's marker: this content under this name was handled (and is not yet
-        archived, or was handled by this run date)."""
-        row = self.run("checking load_log", lambda conn: conn.execute(self.q(
-            "SELECT 1 FROM {schema}.load_log WHERE file_name = %s AND sha256 = %s"
-            " AND (run_date = %s OR archived_at IS NULL) LIMIT 1"),
-            (file_name, sha256, run_date)).fetchone())
-        return row is not None
+        """LoadPostgres's marker (``HANDLED``)."""
+        return self._fetch_one("checking load_log", HANDLED, (file_name, sha256, run_date)) is not None
 
     def run_prepared(self, run_date: dt.date) -> bool:
-        row = self.run("checking run_log", lambda conn: conn.execute(
-            self.q("SELECT 1 FROM {schema}.run_log WHERE run_date = %s"), (run_date,)).fetchone())
-        return row is not None
+        return self._fetch_one("checking run_log", "SELECT 1 FROM {schema}.run_log WHERE run_date = %s",
+                               (run_date,)) is not None
 
     def prepare_run(self, run_date: dt.date, truncate: bool) -> bool:
         """Once per run date: empty statistics and errors (if configured). True if done now."""
@@ -279,9 +282,7 @@ class Database:
         loaded = conn.execute(self.q(
             "SELECT id, file_name, run_date FROM {schema}.load_log"
             " WHERE sha256 = %s AND status = 'loaded'"), (sha,)).fetchone()
-        same = conn.execute(self.q(
-            "SELECT id FROM {schema}.load_log WHERE file_name = %s AND sha256 = %s"
-            " AND (run_date = %s OR archived_at IS NULL) LIMIT 1"), (name, sha, run_date)).fetchone()
+        same = conn.execute(self.q(HANDLED), (name, sha, run_date)).fetchone()
         if same:  # another worker or host finished it while we waited for the lock
             log.info("%s was already handled (load_log id %s): nothing to do", name, same[0])
             return self._log_row(conn, same[0])
@@ -368,19 +369,19 @@ class Database:
 
     def file_status(self, file_name: str, sha256: str) -> str:
         """The status of the newest load_log row of this file (loaded, rejected, duplicate)."""
-        row = self.run("reading load_log", lambda conn: conn.execute(self.q(
-            "SELECT status FROM {schema}.load_log WHERE file_name = %s AND sha256 = %s"
-            " ORDER BY id DESC LIMIT 1"), (file_name, sha256)).fetchone())
+        row = self._fetch_one(
+            "reading load_log", "SELECT status FROM {schema}.load_log"
+            " WHERE file_name = %s AND sha256 = %s ORDER BY id DESC LIMIT 1", (file_name, sha256))
         if row is None:
             raise LookupError(f"{file_name} has no load_log row: it was not loaded")
         return row[0]
 
     def removed_at_source(self, file_name: str, run_date: dt.date) -> bool:
         """A file of that name was handled and deleted at the source on this run date."""
-        row = self.run("reading load_log", lambda conn: conn.execute(self.q(
-            "SELECT 1 FROM {schema}.load_log WHERE file_name = %s AND run_date = %s"
-            " AND source_removed_at IS NOT NULL LIMIT 1"), (file_name, run_date)).fetchone())
-        return row is not None
+        return self._fetch_one(
+            "reading load_log", "SELECT 1 FROM {schema}.load_log WHERE file_name = %s"
+            " AND run_date = %s AND source_removed_at IS NOT NULL LIMIT 1",
+            (file_name, run_date)) is not None
 
     def mark_archived(self, file_name: str, sha256: str, archive: str) -> None:
         self.run("recording the archive", lambda conn: conn.execute(self.q(
