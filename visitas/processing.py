@@ -31,7 +31,7 @@ def inspect_file(path: Path) -> tuple[str, str, int]:
     """One pass over the file: sha256, encoding and size; file-level checks of the first bytes.
 
     Returns ``(sha256, encoding, size)``.  Raises :class:`contract.FileRejected` for an empty or
-    binary file (the sha256 of a rejected file is computed separately, see :func:`sha256_of`).
+    binary file, before the whole file is read (its sha256 is then :func:`sha256_of`'s).
     """
     size = path.stat().st_size
     if size == 0:
@@ -118,6 +118,7 @@ def validate_report(path: Path, source_file: str, out_dir: Path,
     """Check a downloaded report; write checked batches and ``verdict.json`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     encoding: str | None = None
+    sha256: str | None = None
     try:
         sha256, encoding, size = inspect_file(path)
         header, data_start = read_header(path, encoding)
@@ -127,7 +128,7 @@ def validate_report(path: Path, source_file: str, out_dir: Path,
     except contract.FileRejected as rejection:
         verdict = contract.FileVerdict(
             source_file, "rejected", encoding, reason=rejection.reason, message=rejection.message)
-        _write_json(out_dir / VERDICT_FILE, {**verdict.to_dict(), "sha256": sha256_of(path),
+        _write_json(out_dir / VERDICT_FILE, {**verdict.to_dict(), "sha256": sha256 or sha256_of(path),
                                             "size": path.stat().st_size,
                                             "first_line": _first_line(path)})
         log.warning("%s rejected: %s", source_file, rejection.message)
