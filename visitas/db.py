@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import socket
 import queue
 import threading
@@ -25,6 +24,7 @@ from psycopg import sql
 
 from visitas import retrying
 from visitas.copy_format import copy_lines
+from visitas.runinfo import per_process
 
 log = logging.getLogger(__name__)
 
@@ -435,16 +435,10 @@ def prefetch(items: Iterable[bytes], depth: int = 2) -> Iterator[bytes]:
         worker.join()
 
 
-_DATABASES: dict[int, Database] = {}
-
-
+@per_process
 def database() -> Database:
-    """This process's database handle (Luigi may fork workers)."""
-    pid = os.getpid()
-    if pid not in _DATABASES:
-        _DATABASES.clear()
-        _DATABASES[pid] = Database.from_config()
-    return _DATABASES[pid]
+    """This process's database handle."""
+    return Database.from_config()
 
 
 class LoadLogTarget(luigi.Target):

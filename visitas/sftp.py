@@ -14,6 +14,7 @@ from pathlib import Path
 import paramiko
 
 from visitas import retrying
+from visitas.runinfo import per_process
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +194,7 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-_SOURCES: dict[int, SftpSource] = {}
-
-
+@per_process
 def source() -> SftpSource:
-    """This process's connection (Luigi may fork workers; connections do not cross a fork)."""
-    pid = os.getpid()
-    if pid not in _SOURCES:
-        _SOURCES.clear()
-        _SOURCES[pid] = SftpSource.from_config()
-    return _SOURCES[pid]
+    """This process's connection to the SFTP server."""
+    return SftpSource.from_config()
