@@ -207,6 +207,25 @@ class Running:
         return self.output.read_text()
 
 
+def assert_exactly_once(env: Env, *manifests: dict) -> None:
+    """How every fault and outage test ends: each file loaded once (and nothing else recorded),
+    statistics and visitors as the rule over all visits, every file in a backup zip, nothing left
+    at the source or in the download folder."""
+    from polars.testing import assert_frame_equal
+
+    files = sorted(name for m in manifests for name in m["files"])
+    assert sorted((r[0], r[1]) for r in env.loads()) == [(n, "loaded") for n in files]
+    assert env.query("SELECT count(*) FROM load_log WHERE status = 'loaded'"
+                     " GROUP BY sha256 HAVING count(*) > 1") == []
+    truth = env.truth(*manifests)
+    assert env.query("SELECT count(*) FROM statistics") == [(truth.height,)]
+    assert_frame_equal(env.visitors(), expected_visitors(truth))
+    members = [name.split(":", 1)[1] for name in env.zip_members()]
+    assert sorted(members) == files
+    assert env.remote_reports() == []
+    assert env.local_files() == []
+
+
 def expected_visitors(truth: pl.DataFrame) -> pl.DataFrame:
     from visitas import visitors
 

@@ -16,24 +16,10 @@ from polars.testing import assert_frame_equal
 
 from visitas import db
 
-from .harness import expected_visitors
+from .harness import assert_exactly_once, expected_visitors
 from .test_operations import _wait_for, _wait_until_blocked_on_a_lock
 
 FAST_RETRY = "[retry]\nattempts = 2\nfirst_delay = 0.2\nmax_delay = 0.2\n"
-
-
-def _assert_exactly_once(env, *manifests):
-    files = sorted(name for m in manifests for name in m["files"])
-    assert sorted(r[0] for r in env.loads() if r[1] == "loaded") == files
-    assert env.query("SELECT count(*) FROM load_log WHERE status = 'loaded'"
-                     " GROUP BY sha256 HAVING count(*) > 1") == []
-    truth = env.truth(*manifests)
-    assert env.query("SELECT count(*) FROM statistics") == [(truth.height,)]
-    assert_frame_equal(env.visitors(), expected_visitors(truth))
-    members = {name.split(":", 1)[1] for name in env.zip_members()}
-    assert set(files) <= members
-    assert env.remote_reports() == []
-    assert env.local_files() == []
 
 
 def test_sigkill_after_copy_before_commit(env):
@@ -49,7 +35,7 @@ def test_sigkill_after_copy_before_commit(env):
     assert env.query("SELECT count(*) FROM statistics") == [(0,)]
     rerun = env.luigi()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _assert_exactly_once(env, manifest)
+    assert_exactly_once(env, manifest)
 
 
 def test_sigkill_after_commit_before_archive(env):
@@ -68,7 +54,7 @@ def test_sigkill_after_commit_before_archive(env):
     assert len(env.remote_reports()) == 3  # committed, but not archived: not deleted
     rerun = env.luigi()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _assert_exactly_once(env, manifest)
+    assert_exactly_once(env, manifest)
     assert len(env.loads()) == 3  # the committed file was not recorded again
 
 
@@ -90,7 +76,7 @@ def test_connection_dropped_mid_download_never_loads_a_partial_file(make_env, tm
     env.sftp_server.start()
     rerun = env.luigi()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _assert_exactly_once(env, manifest)
+    assert_exactly_once(env, manifest)
 
 
 def test_unwritable_backup_dir_deletes_nothing(env):
@@ -105,7 +91,7 @@ def test_unwritable_backup_dir_deletes_nothing(env):
     env.backup_dir.unlink()
     rerun = env.luigi()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _assert_exactly_once(env, manifest)
+    assert_exactly_once(env, manifest)
 
 
 def test_full_backup_disk_deletes_nothing(env):
@@ -125,7 +111,7 @@ def test_full_backup_disk_deletes_nothing(env):
         subprocess.run(["umount", str(env.backup_dir)], check=True)
     rerun = env.luigi()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _assert_exactly_once(env, manifest)
+    assert_exactly_once(env, manifest)
 
 
 def test_two_hosts_at_the_same_moment_load_each_file_once(make_env, tmp_path):

@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 
 import psycopg
-from polars.testing import assert_frame_equal
 
 from visitas import db, devservers
 
-from .harness import expected_visitors
+from .harness import assert_exactly_once
 from .test_operations import _notify_cfg, _wait_for, _wait_until_blocked_on_a_lock
 
 RETRY = "[retry]\nattempts = 8\nfirst_delay = 0.5\nmax_delay = 2\n"  # about 11 s of patience
@@ -22,15 +21,6 @@ def _pause_at_visitor_merge(env):
     holder = psycopg.connect(env.dsn, autocommit=True)
     holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
     return holder
-
-
-def _assert_complete(env, manifest):
-    assert sorted((r[0], r[1]) for r in env.loads()) == [(n, "loaded") for n in sorted(manifest["files"])]
-    truth = env.truth(manifest)
-    assert env.query("SELECT count(*) FROM statistics") == [(truth.height,)]
-    assert_frame_equal(env.visitors(), expected_visitors(truth))
-    assert env.remote_reports() == []
-    assert len(env.zip_members()) == len(manifest["files"])
 
 
 def test_short_database_outage_is_ridden_out(make_env, own_pg):
@@ -46,7 +36,7 @@ def test_short_database_outage_is_ridden_out(make_env, own_pg):
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 0, out[-3000:]
     assert "retrying in" in out
-    _assert_complete(env, manifest)
+    assert_exactly_once(env, manifest)
 
 
 def test_long_database_outage_fails_loudly_then_the_next_run_completes(make_env, own_pg):
@@ -70,7 +60,7 @@ def test_long_database_outage_fails_loudly_then_the_next_run_completes(make_env,
         own_pg.start()
         rerun = env.luigi()
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        _assert_complete(env, manifest)
+        assert_exactly_once(env, manifest)
     finally:
         smtp.stop()
 
@@ -88,7 +78,7 @@ def test_short_sftp_outage_is_ridden_out(make_env):
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 0, out[-3000:]
     assert "retrying in" in out
-    _assert_complete(env, manifest)
+    assert_exactly_once(env, manifest)
 
 
 def test_long_sftp_outage_fails_then_the_next_run_completes(make_env):
@@ -105,7 +95,7 @@ def test_long_sftp_outage_fails_then_the_next_run_completes(make_env):
     assert sorted(env.remote_reports()) == sorted(manifest["files"])  # nothing was deleted
     rerun = env.luigi()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _assert_complete(env, manifest)
+    assert_exactly_once(env, manifest)
 
 
 def test_sftp_down_at_start_fails_with_a_clear_message_and_changes_nothing(make_env):
@@ -139,4 +129,4 @@ def test_luigi_retries_a_failed_task_within_the_same_cron_run(make_env):
     result = env.luigi()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transient failure" in result.stderr
-    _assert_complete(env, manifest)
+    assert_exactly_once(env, manifest)
