@@ -78,8 +78,10 @@ CREATE TABLE IF NOT EXISTS {schema}.run_log (
     prepared_at timestamptz NOT NULL DEFAULT now(),
     truncated   boolean     NOT NULL
 );
+-- No surrogate key: a row is identified by (load_id, line_no), unique by construction (a file is
+-- loaded once, its line numbers are distinct).  A per-row identity and its index cost a third of
+-- the COPY; statistics is the bulk table, emptied every run date.
 CREATE TABLE IF NOT EXISTS {schema}.statistics (
-    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     email          text NOT NULL,
     jyv            text,
     badmail        text,
