@@ -149,18 +149,39 @@ def check_header(header_line: str) -> None:
 
 # --------------------------------------------------------------------------- lines
 
-def lines_frame(text: str, first_line_no: int) -> pl.DataFrame:
-    """Split decoded text (whole lines) into ``line_no, line`` without the line ends.
+def lines_frame(data: bytes, encoding: str, first_line_no: int) -> pl.DataFrame:
+    """Split whole lines (raw bytes in the file's encoding) into ``line_no, line``.
 
-    Blank lines are dropped (they are not rows) but keep the numbering of the lines around them.
+    Line ends (LF or CRLF) are removed; blank lines are dropped (they are not rows) but keep the
+    numbering of the lines around them.  Polars' reader splits the lines (natively, on every
+    core); its result is used only when it has exactly one row per line end, otherwise (a
+    stray byte it treats specially) the lines are split in Python.
     """
-    lines = pl.Series("line", [text.replace("\r\n", "\n")], dtype=pl.String).str.split("\n").explode()
+    utf8 = data if encoding in ("utf-8", "utf-8-sig") else decode(data, encoding).encode("utf-8")
+    expected = utf8.count(b"\n") + (0 if utf8.endswith(b"\n") else 1) if utf8 else 0
+    lines = _read_lines(utf8) if not utf8.startswith(codecs.BOM_UTF8) else None
+    if lines is None or lines.len() != expected:
+        text = decode(data, encoding).replace("\r\n", "\n").removesuffix("\n")
+        lines = pl.Series("line", [text], dtype=pl.String).str.split("\n").explode()
+        lines = pl.Series("line", [], dtype=pl.String) if expected == 0 else lines
     return (
         pl.DataFrame({"line": lines})
         .with_row_index("line_no", offset=first_line_no)
         .with_columns(pl.col("line_no").cast(pl.Int64))
-        .filter(~pl.col("line").str.contains(r"^\s*$"))
+        .filter(~pl.col("line").str.contains(r"^\s*$").fill_null(True))
     )
+
+
+def _read_lines(data: bytes) -> pl.Series | None:
+    """One string per line (no separator, no quoting), or None if Polars cannot read it so."""
+    if not data:
+        return pl.Series("line", [], dtype=pl.String)
+    try:
+        frame = pl.read_csv(data, has_header=False, separator="\x01", quote_char=None,
+                            schema={"line": pl.String}, raise_if_empty=False)
+    except pl.exceptions.PolarsError:
+        return None
+    return frame.get_column("line")
 
 
 def _unquote(field: pl.Expr) -> pl.Expr:
@@ -191,41 +212,43 @@ def _as_null(value: pl.Expr) -> pl.Expr:
 def split_columns(lines: pl.DataFrame) -> pl.DataFrame:
     """``line_no, line`` -> adds ``field_count``, ``is_well_quoted`` and the 15 raw text columns.
 
-    Well-formed lines (balanced quotes, 15 fields, no CR or NUL inside) go through Polars' CSV
-    parser, which is fast and multi-threaded; the others through a regular expression, which
-    also tells how many fields a malformed line has.  Either way one line is one row.
+    Well-formed lines (15 well-quoted fields, no CR or NUL inside: one regular expression tells)
+    go through Polars' CSV parser, which is fast and multi-threaded; the others through a
+    regular expression, which also tells how many fields a malformed line has.  Either way one
+    line is one row; rows come out grouped (well-formed first), not in line order.
     """
-    lines = lines.with_columns(
-        pl.col("line").str.contains(_ANY_ROW_PATTERN).alias("is_well_quoted"),
-        # fields = 1 + commas outside quoted fields (exact for well-quoted lines)
-        (pl.col("line").str.replace_all(_QUOTED, "").str.count_matches(",", literal=True) + 1)
-        .cast(pl.Int64).alias("field_count"),
-    )
-    plain = (
-        pl.col("is_well_quoted") & (pl.col("field_count") == N_COLUMNS)
-        & ~pl.col("line").str.contains(r"[\r\x00]")
-    )
-    fast, slow = lines.filter(plain), lines.filter(~plain)
+    plain = pl.col("line").str.contains(_ROW_PATTERN) & ~pl.col("line").str.contains(r"[\r\x00]")
+    lines = lines.with_columns(plain.alias("_plain"))
+    fast, slow = lines.filter(pl.col("_plain")).drop("_plain"), lines.filter(~pl.col("_plain")).drop("_plain")
     parts = []
     if fast.height:
-        text = fast.get_column("line").str.join("\n").item() + "\n"
+        text = fast.select(pl.col("line").str.join("\n").cast(pl.Binary)).item() + b"\n"
         try:
             parsed = pl.read_csv(
-                text.encode("utf-8"), has_header=False, schema=dict.fromkeys(COLUMNS, pl.String),
+                text, has_header=False, schema=dict.fromkeys(COLUMNS, pl.String),
                 quote_char='"', raise_if_empty=False)
         except pl.exceptions.PolarsError:
             parsed = None
         if parsed is not None and parsed.height == fast.height:
-            parts.append(pl.concat([fast, parsed], how="horizontal"))
+            parts.append(pl.concat([
+                fast.with_columns(pl.lit(True).alias("is_well_quoted"),
+                                  pl.lit(N_COLUMNS, dtype=pl.Int64).alias("field_count")),
+                parsed], how="horizontal"))
         else:  # never expected; the slow path is always right
-            slow = lines
+            slow = lines.drop("_plain")
     if slow.height or not parts:
         groups = pl.col("line").str.extract_groups(_ROW_PATTERN)
-        parts.append(slow.with_columns(groups.alias("_groups")).with_columns(
+        parts.append(slow.with_columns(
+            pl.col("line").str.contains(_ANY_ROW_PATTERN).alias("is_well_quoted"),
+            # fields = 1 + commas outside quoted fields (exact for well-quoted lines)
+            (pl.col("line").str.replace_all(_QUOTED, "").str.count_matches(",", literal=True) + 1)
+            .cast(pl.Int64).alias("field_count"),
+            groups.alias("_groups"),
+        ).with_columns(
             _unquote(pl.col("_groups").struct.field(str(i + 1))).alias(name)
             for i, name in enumerate(COLUMNS)
         ).drop("_groups"))
-    raw = pl.concat(parts).sort("line_no") if len(parts) > 1 else parts[0]
+    raw = pl.concat(parts) if len(parts) > 1 else parts[0]
     return raw.with_columns(_as_null(pl.col(name).str.strip_chars()).alias(name) for name in COLUMNS)
 
 

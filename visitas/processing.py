@@ -82,15 +82,14 @@ def iter_line_batches(path: Path, encoding: str, start: int, first_line_no: int,
             data = carry + chunk
             if not chunk:
                 if data:
-                    yield contract.lines_frame(contract.decode(data, encoding), line_no)
+                    yield contract.lines_frame(data, encoding, line_no)
                 return
             cut = data.rfind(b"\n")
             if cut < 0:  # one very long line: keep reading until it ends
                 carry = data
                 continue
             whole, carry = data[: cut + 1], data[cut + 1:]
-            text = contract.decode(whole, encoding)
-            yield contract.lines_frame(text.removesuffix("\n"), line_no)
+            yield contract.lines_frame(whole, encoding, line_no)
             line_no += whole.count(b"\n")
 
 

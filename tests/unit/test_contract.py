@@ -69,10 +69,28 @@ def test_cp1252_accents_survive_decoding():
 # ---------------------------------------------------------------- lines
 
 def test_lines_frame_handles_crlf_lf_and_blank_lines():
-    frame = contract.lines_frame("a\r\nb\n\r\nc", first_line_no=2)
-    expected = pl.DataFrame({"line_no": [2, 3, 5], "line": ["a", "b", "c"]},
+    frame = contract.lines_frame(b"a\r\nb\n\r\n \t\nc", "utf-8", first_line_no=2)
+    expected = pl.DataFrame({"line_no": [2, 3, 6], "line": ["a", "b", "c"]},
                             schema={"line_no": pl.Int64, "line": pl.String})
     assert_frame_equal(frame, expected)
+
+
+@pytest.mark.parametrize("data, lines", [
+    (b"a\x01b\nc\n", ["a\x01b", "c"]),           # Polars' reader would see two fields
+    (b"\xef\xbb\xbfa\nb", ["\ufeffa", "b"]),       # a BOM inside the file is data, not stripped
+    (b"a\rb\r\r\nc\n", ["a\rb\r", "c"]),            # only the CR of a CRLF ends a line
+    (b'x,"open\ny\n', ['x,"open', "y"]),           # a quote never joins lines
+    (b"", []),
+])
+def test_lines_frame_keeps_every_byte_of_every_line(data, lines):
+    frame = contract.lines_frame(data, "utf-8", first_line_no=2)
+    assert frame["line"].to_list() == lines
+    assert frame["line_no"].to_list() == list(range(2, 2 + len(lines)))
+
+
+def test_lines_frame_decodes_cp1252():
+    frame = contract.lines_frame("Navegación\r\nmóvil".encode("cp1252"), "cp1252", first_line_no=2)
+    assert frame["line"].to_list() == ["Navegación", "móvil"]
 
 
 def test_split_line_unquotes_multi_value_fields():
