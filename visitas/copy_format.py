@@ -6,6 +6,8 @@ holds a character that COPY or array syntax treats specially is written as it is
 
 from __future__ import annotations
 
+import io
+
 import polars as pl
 
 NULL = r"\N"
@@ -46,26 +48,25 @@ def _has_special(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> bool:
 
 
 def _as_text(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
+    """Text and list columns as COPY text; others are left to the CSV writer."""
     column = pl.col(name)
     if isinstance(dtype, pl.List):
-        text = _array_literal(column, plain=not _has_special(frame, name, dtype))
-    elif isinstance(dtype, pl.Datetime):
-        text = column.dt.strftime("%Y-%m-%d %H:%M:%S")
-    elif isinstance(dtype, pl.Date):
-        text = column.dt.strftime("%Y-%m-%d")
-    elif dtype == pl.String:
-        text = _escape_copy(column) if _has_special(frame, name, dtype) else column
-    else:
-        text = column.cast(pl.String)
-    return text.fill_null(NULL)
+        return _array_literal(column, plain=not _has_special(frame, name, dtype)).fill_null(NULL)
+    if dtype == pl.String and _has_special(frame, name, dtype):
+        return _escape_copy(column)
+    return column
 
 
 def copy_lines(frame: pl.DataFrame) -> bytes:
-    """All rows of ``frame`` as COPY text-format lines (tab-separated, ``\\N`` for null)."""
+    """All rows of ``frame`` as COPY text-format lines (tab-separated, ``\\N`` for null).
+
+    Polars' CSV writer (native, multi-threaded) lays the lines out, never quoting: text that
+    COPY would misread is escaped beforehand, numbers and dates cannot hold a tab or a newline.
+    """
     if frame.height == 0:
         return b""
-    line = pl.concat_str(
-        [_as_text(frame, name, dtype) for name, dtype in frame.schema.items()], separator="\t"
-    )
-    text = frame.select(line.alias("line")).get_column("line").str.join("\n").item()
-    return (text + "\n").encode("utf-8")
+    text = frame.select(_as_text(frame, name, dtype).alias(name) for name, dtype in frame.schema.items())
+    out = io.BytesIO()
+    text.write_csv(out, include_header=False, separator="\t", quote_style="never", null_value=NULL,
+                   datetime_format="%Y-%m-%d %H:%M:%S", date_format="%Y-%m-%d")
+    return out.getvalue()
