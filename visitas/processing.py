@@ -205,10 +205,11 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
 
     def summarise() -> pl.DataFrame | None:
         # Memory stays bounded: visits are summarised every few million rows and merged.
-        parts = [visitors.visitor_rule(pl.concat(pending).lazy()).collect()]
+        summary = visitors.visitor_rule(pl.concat(pending).lazy()).collect()
         pending.clear()
-        return visitors.merge_rule(pl.concat([*([merged] if merged is not None else []), *parts])
-                                   .lazy()).collect()
+        if merged is None:
+            return summary
+        return visitors.merge_rule(pl.concat([merged, summary]).lazy()).collect()
 
     with open(out_dir / "errors.copy", "wb") as errors_out:
         if verdict.status == "rejected":
@@ -218,12 +219,14 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path) -> dict:
             verdict.error_count = 1
         for part in sorted(checked_dir.glob(CHECKED_GLOB)):
             checked = pl.scan_parquet(part)
-            errors = contract.error_rows(checked, source_file).collect()
+            statistics = contract.statistics_rows(checked, source_file)
+            errors, visits, counts = pl.collect_all([  # one read of the batch for all three
+                contract.error_rows(checked, source_file), contract.visits(statistics),
+                contract.warning_counts(statistics)])
             errors_out.write(copy_lines(errors))
             verdict.error_count += errors.height
-            statistics = contract.statistics_rows(checked, source_file)
-            pending.append(contract.visits(statistics).collect())
-            for kind, count in contract.warning_counts(statistics).collect().row(0, named=True).items():
+            pending.append(visits)
+            for kind, count in counts.row(0, named=True).items():
                 warnings[kind] += count
             if sum(p.height for p in pending) >= VISITS_PER_MERGE:
                 merged = summarise()
