@@ -182,8 +182,8 @@ class LoadPostgres(FileTask):
     def _precompress(self) -> None:
         try:
             archive.precompress(self.download_path(), self.file_state("backup.zip"),
-                                config.load().zip_level)
-        except OSError as error:  # ArchiveZip compresses it itself then
+                                config.load().zip_level, self.verdict()["sha256"])
+        except (OSError, archive.ArchiveError) as error:  # ArchiveZip compresses it itself then
             log.warning("could not precompress %s: %s", self.file_name, error)
 
 
