@@ -67,7 +67,8 @@ class load(luigi.Config):  # noqa: N801
         default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="empty statistics and errors once per run date before loading")
     batch_mb = luigi.IntParameter(default=16, description="MiB of the file read per batch")
-    zip_level = luigi.IntParameter(default=1, description="deflate level of the backup zip (1-9)")
+    zip_level = luigi.ChoiceParameter(var_type=int, choices=[0, 1, 2, 3], default=1,
+                                      description="ISA-L deflate level of the backup zip (0-3)")
 
 
 class retry(luigi.Config):  # noqa: N801

@@ -14,6 +14,7 @@ import logging
 import socket
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -307,11 +308,15 @@ class Database:
             warnings=json.dumps(summary.get("warnings", {})), visitors=summary.get("visitors", 0),
             **common)
         conn.execute("SELECT set_config('visitas.load_id', %s, true)", (str(load_id),))
+        clock = time.perf_counter()
         if status == "loaded":
             # The next batch is formatted in a thread while the server parses this one.
             self._copy(conn, "statistics", STATISTICS_COLUMNS, prefetch(statistics()))
+        copied = time.perf_counter()
         self._copy(conn, "errors", ERROR_COLUMNS, _file_chunks(split_dir / "errors.copy"))
         self._merge_visitors(conn, split_dir / "visitors.parquet")
+        log.info("%s: statistics copied in %.2fs, errors and visitors in %.2fs", name,
+                 copied - clock, time.perf_counter() - copied)
         conn.execute(self.q("UPDATE {schema}.load_log SET finished_at = clock_timestamp() WHERE id = %s"),
                      (load_id,))
         return self._log_row(conn, load_id)

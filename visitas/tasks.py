@@ -181,9 +181,9 @@ class LoadPostgres(FileTask):
 
     def _precompress(self) -> None:
         try:
-            archive.precompress(self.download_path(), self.file_state("backup.zip"),
+            archive.precompress(self.download_path(), self.file_state("backup.deflate"),
                                 config.load().zip_level, self.verdict()["sha256"])
-        except (OSError, archive.ArchiveError) as error:  # ArchiveZip compresses it itself then
+        except (OSError, ValueError, archive.ArchiveError) as error:  # ArchiveZip tries again
             log.warning("could not precompress %s: %s", self.file_name, error)
 
 
@@ -206,7 +206,7 @@ class ArchiveZip(FileTask):
         self.set_status_message(f"archiving {member}")
         where = archive.add_to_archive(Path(config.paths().backup_dir), self.date,
                                        self.download_path(), member, sha, config.load().zip_level,
-                                       packed=self.file_state("backup.zip"))
+                                       packed=self.file_state("backup.deflate"))
         database.mark_archived(self.file_name, sha, where)
         source = sftp.source()
         removed = False

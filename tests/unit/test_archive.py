@@ -27,7 +27,7 @@ def test_members_are_added_byte_identical_and_private(tmp_path, precompressed):
         packed = None
         if precompressed:
             packed = tmp_path / f"packed_{i}.zip"
-            archive.precompress(path, packed, level=6, sha256=sha)
+            archive.precompress(path, packed, level=3, sha256=sha)
         where = archive.add_to_archive(backup, DAY, path, path.name, sha, packed=packed)
         assert where == f"visitas_20261128.zip:{path.name}"
         added[path.name] = data
@@ -58,7 +58,7 @@ def test_a_wrong_checksum_leaves_the_previous_zip_untouched(tmp_path):
     archive.add_to_archive(backup, DAY, path, "report_1.txt", sha)
     before = (backup / "visitas_20261128.zip").read_bytes()
     other, _ = _file(tmp_path, "report_2.txt", b"bad")
-    with pytest.raises(archive.ArchiveError, match="reads back with sha256"):
+    with pytest.raises(archive.ArchiveError, match="inflates to sha256"):
         archive.add_to_archive(backup, DAY, other, "report_2.txt", "0" * 64)
     assert (backup / "visitas_20261128.zip").read_bytes() == before
     assert [p.name for p in backup.iterdir() if p.name.endswith(".partial")] == []
@@ -67,36 +67,45 @@ def test_a_wrong_checksum_leaves_the_previous_zip_untouched(tmp_path):
 
 def test_precompress_refuses_a_content_that_does_not_match(tmp_path):
     path, _ = _file(tmp_path, "report_1.txt", b"a,b\n" * 100)
-    packed = tmp_path / "packed.zip"
-    with pytest.raises(archive.ArchiveError, match="deflated reads back"):
+    packed = tmp_path / "packed.deflate"
+    with pytest.raises(archive.ArchiveError, match="inflates to sha256"):
         archive.precompress(path, packed, level=1, sha256="0" * 64)
     assert list(tmp_path.glob("packed*")) == []
 
 
-def test_a_precompressed_copy_damaged_after_its_check_is_refused(tmp_path):
+def test_a_checked_stream_damaged_afterwards_is_refused(tmp_path):
     backup = tmp_path / "bckp"
     first, sha1 = _file(tmp_path, "report_1.txt", b"good")
     archive.add_to_archive(backup, DAY, first, "report_1.txt", sha1)
     before = (backup / "visitas_20261128.zip").read_bytes()
     path, sha = _file(tmp_path, "report_2.txt", bytes(range(256)) * 400)
-    packed = tmp_path / "packed.zip"
-    archive.precompress(path, packed, level=6, sha256=sha)
-    with zipfile.ZipFile(packed) as one:
-        info = one.infolist()[0]
+    packed = tmp_path / "packed.deflate"
+    archive.precompress(path, packed, level=1, sha256=sha)
     data = bytearray(packed.read_bytes())
-    data[info.header_offset + 30 + len(info.filename) + 40] ^= 0xFF  # inside the deflated bytes
+    data[len(data) // 2] ^= 0xFF
     packed.write_bytes(bytes(data))
-    with pytest.raises(archive.ArchiveError, match="verified compressed bytes"):
+    with pytest.raises(archive.ArchiveError, match="does not read back as the checked"):
         archive.add_to_archive(backup, DAY, path, "report_2.txt", sha, packed=packed)
     assert (backup / "visitas_20261128.zip").read_bytes() == before
+    assert sorted(p.name for p in backup.iterdir()) == [".visitas_20261128.zip.lock",
+                                                       "visitas_20261128.zip"]
 
 
-def test_an_unverified_precompressed_file_is_not_used(tmp_path):
+@pytest.mark.parametrize("record", ["missing", "other content"])
+def test_a_stream_without_a_matching_record_is_not_used(tmp_path, record):
     backup = tmp_path / "bckp"
     path, sha = _file(tmp_path, "report_1.txt", b"a,b\n" * 1000)
-    stray = tmp_path / "stray.zip"
-    with zipfile.ZipFile(stray, "w") as one:  # no verification record: compressed again instead
-        one.writestr("report_1.txt", b"something else")
-    archive.add_to_archive(backup, DAY, path, "report_1.txt", sha, packed=stray)
+    other, other_sha = _file(tmp_path, "other.txt", b"something else")
+    packed = tmp_path / "packed.deflate"
+    archive.precompress(other, packed, level=1, sha256=other_sha)
+    if record == "missing":
+        archive.Deflated.record_of(packed).unlink()
+    archive.add_to_archive(backup, DAY, path, "report_1.txt", sha, packed=packed)
     with zipfile.ZipFile(backup / "visitas_20261128.zip") as result:
         assert result.read("report_1.txt") == b"a,b\n" * 1000
+
+
+def test_zip_level_outside_isal_levels_is_refused(tmp_path):
+    path, sha = _file(tmp_path, "report_1.txt", b"x")
+    with pytest.raises(ValueError, match="0-3"):
+        archive.precompress(path, tmp_path / "p.deflate", level=6, sha256=sha)
