@@ -62,6 +62,7 @@ class Bench:
     def floor(self, report: Path) -> dict:
         work = Path(tempfile.mkdtemp(dir=self.base))
         times = {}
+        _settle()
         start = time.perf_counter()
         client = paramiko.SSHClient()
         client.load_host_keys(str(self.known_hosts))
@@ -130,6 +131,7 @@ path = {workers_dir / 'visitas.log'}
         cfg = self.config(schema, run_dir)
         env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg), "VISITAS_DSN": self.cluster.dsn()}
         luigi = str(Path(sys.executable).with_name("luigi"))
+        _settle()
         start = time.perf_counter()
         process = subprocess.Popen([luigi, "--module", "visitas", "RunAll", "--local-scheduler",
                                     "--workers", str(workers)], cwd=run_dir, env=env,
@@ -149,6 +151,12 @@ path = {workers_dir / 'visitas.log'}
                     "errors_lines": one('SELECT count(DISTINCT (source_file, line_no)) FROM "{s}".errors'),
                     "visitor": one('SELECT count(*) FROM "{s}".visitor'),
                     "files_loaded": one("SELECT count(*) FROM \"{s}\".load_log WHERE status = 'loaded'")}
+
+
+def _settle() -> None:
+    """Flush what earlier steps wrote, so that their writeback is not billed to the next one."""
+    os.sync()
+    time.sleep(1)
 
 
 def _sample_peak_rss(process: subprocess.Popen) -> int:
