@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -180,6 +181,8 @@ class LoadPostgres(FileTask):
 
 
     def _precompress(self) -> None:
+        # Lower priority than the COPY path: on two cores the server's backend is the critical one.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         try:
             archive.precompress(self.download_path(), self.file_state("backup.deflate"),
                                 config.load().zip_level, self.verdict()["sha256"])
