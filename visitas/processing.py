@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -136,18 +137,26 @@ def validate_report(path: Path, source_file: str, out_dir: Path,
     verdict = contract.FileVerdict(source_file, "valid", encoding)
     emails = EmailCache()
     done = data_start
-    for index, lines in enumerate(iter_line_batches(path, encoding, data_start, 2, batch_bytes)):
-        checked = contract.validate_lines(lines, emails)
-        has_errors = pl.col("errors").list.len() > 0
-        checked = checked.with_columns(pl.when(has_errors).then(pl.col("line")).alias("line"))
-        checked.write_parquet(out_dir / f"checked-{index:05d}.parquet", compression="lz4")
-        rejected = checked.select(has_errors.sum()).item()
-        verdict.rows_read += checked.height
-        verdict.rows_rejected += rejected
-        verdict.rows_loaded += checked.height - rejected
-        done = min(size, done + batch_bytes)
-        if progress:
-            progress(done, size)
+    # A batch is written in a thread while the next one is validated (Polars releases the GIL).
+    with ThreadPoolExecutor(1, thread_name_prefix="checked-writer") as writer:
+        pending: Future | None = None
+        for index, lines in enumerate(iter_line_batches(path, encoding, data_start, 2, batch_bytes)):
+            checked = contract.validate_lines(lines, emails)
+            has_errors = pl.col("errors").list.len() > 0
+            checked = checked.with_columns(pl.when(has_errors).then(pl.col("line")).alias("line"))
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(checked.write_parquet, out_dir / f"checked-{index:05d}.parquet",
+                                    compression="lz4")
+            rejected = checked.select(has_errors.sum()).item()
+            verdict.rows_read += checked.height
+            verdict.rows_rejected += rejected
+            verdict.rows_loaded += checked.height - rejected
+            done = min(size, done + batch_bytes)
+            if progress:
+                progress(done, size)
+        if pending is not None:
+            pending.result()
     _write_json(out_dir / VERDICT_FILE, {**verdict.to_dict(), "sha256": sha256, "size": size})
     log.info("%s validated (%s): %d rows read, %d valid, %d rejected", source_file, encoding,
              verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected)
