@@ -66,7 +66,9 @@ class load(luigi.Config):  # noqa: N801
     truncate_each_run = luigi.BoolParameter(
         default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="empty statistics and errors once per run date before loading")
-    batch_mb = luigi.IntParameter(default=16, description="MiB of the file read per batch")
+    batch_mb = luigi.IntParameter(default=8, description="MiB of the file read per batch")
+    parallel_batches = luigi.IntParameter(
+        default=2, description="batches of a file validated at once, in threads")
     zip_level = luigi.ChoiceParameter(var_type=int, choices=[0, 1, 2, 3], default=1,
                                       description="ISA-L deflate level of the backup zip (0-3)")
 

@@ -6,11 +6,13 @@ with the size of the file.  Email addresses are validated once per distinct addr
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from visitas.copy_format import copy_lines
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 16 * 1024 * 1024
+BATCH_BYTES = 8 * 1024 * 1024
+PARALLEL_BATCHES = 2
 _HEAD_BYTES = 64 * 1024
 _MAX_HEADER_BYTES = 1024 * 1024
 CHECKED_GLOB = "checked-*.parquet"
@@ -95,17 +98,23 @@ def iter_line_batches(path: Path, encoding: str, start: int, first_line_no: int,
 
 
 class EmailCache:
-    """Validates each distinct address once per file (email-validator is the slow part)."""
+    """Validates each distinct address once per file (email-validator is the slow part).
+
+    Thread-safe: batches of one file are validated in parallel.
+    """
 
     def __init__(self, checker: Callable = contract.check_emails):
         self._checker = checker
         self._known: dict[str, str | None] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, addresses: list[str]) -> pl.DataFrame:
-        new = [a for a in addresses if a not in self._known]
-        if new:
-            verdicts = self._checker(new)
-            self._known.update(zip(verdicts["email_raw"].to_list(), verdicts["email_error"].to_list()))
+        with self._lock:
+            new = [a for a in addresses if a not in self._known]
+            if new:
+                verdicts = self._checker(new)
+                self._known.update(zip(verdicts["email_raw"].to_list(),
+                                       verdicts["email_error"].to_list()))
         return pl.DataFrame(
             {"email_raw": addresses, "email_error": [self._known[a] for a in addresses]},
             schema={"email_raw": pl.String, "email_error": pl.String},
@@ -113,9 +122,12 @@ class EmailCache:
 
 
 def validate_report(path: Path, source_file: str, out_dir: Path,
-                    batch_bytes: int = BATCH_BYTES,
+                    batch_bytes: int = BATCH_BYTES, parallel: int = PARALLEL_BATCHES,
                     progress: Callable[[int, int], None] | None = None) -> contract.FileVerdict:
-    """Check a downloaded report; write checked batches and ``verdict.json`` into ``out_dir``."""
+    """Check a downloaded report; write checked batches and ``verdict.json`` into ``out_dir``.
+
+    ``parallel`` batches are validated at once (each holds about ``batch_bytes`` of lines).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     encoding: str | None = None
     sha256: str | None = None
@@ -137,30 +149,50 @@ def validate_report(path: Path, source_file: str, out_dir: Path,
     verdict = contract.FileVerdict(source_file, "valid", encoding)
     emails = EmailCache()
     done = data_start
-    # A batch is written in a thread while the next one is validated (Polars releases the GIL).
-    with ThreadPoolExecutor(1, thread_name_prefix="checked-writer") as writer:
-        pending: Future | None = None
-        for index, lines in enumerate(iter_line_batches(path, encoding, data_start, 2, batch_bytes)):
-            checked = contract.validate_lines(lines, emails)
-            has_errors = pl.col("errors").list.len() > 0
-            checked = checked.with_columns(pl.when(has_errors).then(pl.col("line")).alias("line"))
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(checked.write_parquet, out_dir / f"checked-{index:05d}.parquet",
-                                    compression="lz4")
-            rejected = checked.select(has_errors.sum()).item()
-            verdict.rows_read += checked.height
-            verdict.rows_rejected += rejected
-            verdict.rows_loaded += checked.height - rejected
-            done = min(size, done + batch_bytes)
-            if progress:
-                progress(done, size)
-        if pending is not None:
-            pending.result()
+
+    def check(index: int, lines: pl.DataFrame) -> tuple[int, int]:
+        checked = contract.validate_lines(lines, emails)
+        has_errors = pl.col("errors").list.len() > 0
+        checked = checked.with_columns(pl.when(has_errors).then(pl.col("line")).alias("line"))
+        checked.write_parquet(out_dir / f"checked-{index:05d}.parquet", compression="lz4")
+        return checked.height, checked.select(has_errors.sum()).item()
+
+    batches = iter_line_batches(path, encoding, data_start, 2, batch_bytes)
+    for rows, rejected in ordered_map(check, enumerate(batches), parallel):
+        verdict.rows_read += rows
+        verdict.rows_rejected += rejected
+        verdict.rows_loaded += rows - rejected
+        done = min(size, done + batch_bytes)
+        if progress:
+            progress(done, size)
     _write_json(out_dir / VERDICT_FILE, {**verdict.to_dict(), "sha256": sha256, "size": size})
     log.info("%s validated (%s): %d rows read, %d valid, %d rejected", source_file, encoding,
              verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected)
     return verdict
+
+
+def ordered_map(work: Callable, items: Iterable[tuple], parallel: int) -> Iterator:
+    """``work(*item)`` for each item, ``parallel`` at a time in threads, results in item order.
+
+    At most ``parallel`` items are in flight, so memory stays bounded; the next item is produced
+    (read from the file) while they run.  Polars releases the GIL, so batches truly overlap.
+    """
+    if parallel <= 1:
+        for item in items:
+            yield work(*item)
+        return
+    with ThreadPoolExecutor(parallel, thread_name_prefix="validate") as pool:
+        running: collections.deque[Future] = collections.deque()
+        try:
+            for item in items:
+                if len(running) >= parallel:
+                    yield running.popleft().result()
+                running.append(pool.submit(work, *item))
+            while running:
+                yield running.popleft().result()
+        finally:
+            for future in running:
+                future.cancel()
 
 
 def _has_data(path: Path, start: int) -> bool:

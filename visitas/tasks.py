@@ -107,7 +107,8 @@ class ValidateReport(FileTask):
         batch = config.load().batch_mb * 1024 * 1024
         with self.output().temporary_path() as tmp:
             verdict = processing.validate_report(Path(self.input().path), self.file_name, Path(tmp),
-                                                 batch, progress=self._progress)
+                                                 batch, config.load().parallel_batches,
+                                                 progress=self._progress)
         self.set_status_message(f"{verdict.rows_read} rows read, {verdict.rows_rejected} rejected"
                                 if verdict.status == "valid" else f"rejected: {verdict.message}")
 

@@ -10,10 +10,11 @@ from visitas import processing
 from .conftest import GOOD_ROW, HEADER, row
 
 
-def _run(tmp_path, data: bytes, batch_bytes=processing.BATCH_BYTES):
+def _run(tmp_path, data: bytes, batch_bytes=processing.BATCH_BYTES, parallel=processing.PARALLEL_BATCHES):
     path = tmp_path / "report_1.txt"
     path.write_bytes(data)
-    verdict = processing.validate_report(path, "report_1.txt", tmp_path / "checked", batch_bytes)
+    verdict = processing.validate_report(path, "report_1.txt", tmp_path / "checked", batch_bytes,
+                                         parallel)
     summary = processing.split_report(tmp_path / "checked", "report_1.txt", tmp_path / "split")
     return verdict, summary
 
@@ -41,10 +42,11 @@ def test_encodings_and_line_ends(tmp_path, eol, encoding):
     assert error[:4] == ["report_1.txt", "3", "Opens", "invalid_count"]
 
 
-def test_mixed_line_ends_and_small_batches_keep_line_numbers(tmp_path):
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_mixed_line_ends_and_small_batches_keep_line_numbers(tmp_path, parallel):
     lines = [HEADER] + [row(opens=str(i)) if i % 5 else row(opens="bad") for i in range(1, 41)]
     data = "".join(line + ("\r\n" if i % 2 else "\n") for i, line in enumerate(lines)).encode()
-    verdict, summary = _run(tmp_path, data, batch_bytes=300)
+    verdict, summary = _run(tmp_path, data, batch_bytes=300, parallel=parallel)
     assert (verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected) == (40, 32, 8)
     errors = _copy_rows(tmp_path / "split" / "errors.copy")
     assert [int(e[1]) for e in errors] == [i + 1 for i in range(5, 41, 5)]
@@ -76,3 +78,30 @@ def test_visitor_summaries_are_written(tmp_path):
     assert summaries.select("visitas_totales", "visitas_anio_actual", "visitas_mes_actual").row(0) == (3, 3, 1)
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["visitors"] == 1
+
+
+def test_ordered_map_keeps_order_bounds_work_in_flight_and_passes_errors_on():
+    import threading
+
+    running, most = 0, 0
+    lock = threading.Lock()
+    first_three = threading.Barrier(3, timeout=10)  # breaks unless three run at once
+
+    def work(index):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        if index < 3:
+            first_three.wait()
+        with lock:
+            running -= 1
+        if index == 5:
+            raise ValueError("batch 5 is bad")
+        return index
+
+    results = processing.ordered_map(work, ((i,) for i in range(8)), parallel=3)
+    assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="batch 5"):
+        next(results)
+    assert most == 3
