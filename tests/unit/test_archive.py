@@ -109,3 +109,29 @@ def test_zip_level_outside_isal_levels_is_refused(tmp_path):
     path, sha = _file(tmp_path, "report_1.txt", b"x")
     with pytest.raises(ValueError, match="0-3"):
         archive.precompress(path, tmp_path / "p.deflate", level=6, sha256=sha)
+
+
+def test_checking_a_stream_inflates_in_bounded_pieces(tmp_path, monkeypatch):
+    # 64 MiB of zeros deflate to ~64 KiB: one unbounded inflate call would return all of it.
+    path = tmp_path / "zeros.txt"
+    with open(path, "wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    sha = hashlib.sha256(b"\0" * (64 * 1024 * 1024)).hexdigest()
+    pieces = []
+    real = archive.isal_zlib.decompressobj
+
+    class Spy:
+        def __init__(self, wbits):
+            self._inner = real(wbits)
+
+        def decompress(self, data, max_length=0):
+            out = self._inner.decompress(data, max_length)
+            pieces.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    monkeypatch.setattr(archive.isal_zlib, "decompressobj", Spy)
+    archive.precompress(path, tmp_path / "zeros.deflate", level=1, sha256=sha)
+    assert sum(pieces) == 64 * 1024 * 1024 and max(pieces) <= 1024 * 1024
