@@ -133,30 +133,37 @@ SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales,
 FROM {schema}.visitor;
 """
 
-# The merge rule of visitas.visitors, applied to the stored row and the file's summary: the
-# result is the summary of all visits whatever the order of loads.  Keys sorted: concurrent
-# merges lock rows in the same order.
-VISITOR_MERGE = """
-INSERT INTO {schema}.visitor AS v (email, fecha_primera_visita, fecha_ultima_visita,
+# The merge rule of visitas.visitors, applied to the stored row (v) and the file's summary (s):
+# the result is the summary of all visits whatever the order of loads.  Merges are serialised
+# (LOCK_VISITORS), so known visitors are updated and new ones inserted in two set-wise statements
+# (a plain INSERT costs half an ON CONFLICT one).  Keys sorted: rows go in in index order.
+VISITOR_UPDATE = """
+UPDATE {schema}.visitor AS v SET
+    fecha_primera_visita = least(v.fecha_primera_visita, s.fecha_primera_visita),
+    fecha_ultima_visita = greatest(v.fecha_ultima_visita, s.fecha_ultima_visita),
+    visitas_totales = v.visitas_totales + s.visitas_totales,
+    visitas_anio_actual = CASE
+        WHEN date_trunc('year', v.fecha_ultima_visita) = date_trunc('year', s.fecha_ultima_visita)
+            THEN v.visitas_anio_actual + s.visitas_anio_actual
+        WHEN v.fecha_ultima_visita > s.fecha_ultima_visita THEN v.visitas_anio_actual
+        ELSE s.visitas_anio_actual END,
+    visitas_mes_actual = CASE
+        WHEN date_trunc('month', v.fecha_ultima_visita) = date_trunc('month', s.fecha_ultima_visita)
+            THEN v.visitas_mes_actual + s.visitas_mes_actual
+        WHEN v.fecha_ultima_visita > s.fecha_ultima_visita THEN v.visitas_mes_actual
+        ELSE s.visitas_mes_actual END,
+    updated_at = now()
+FROM visitas_stage AS s
+WHERE v.email = s.email
+"""
+VISITOR_INSERT = """
+INSERT INTO {schema}.visitor (email, fecha_primera_visita, fecha_ultima_visita,
     visitas_totales, visitas_anio_actual, visitas_mes_actual)
 SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales, visitas_anio_actual,
        visitas_mes_actual
-FROM visitas_stage ORDER BY email
-ON CONFLICT (email) DO UPDATE SET
-    fecha_primera_visita = least(v.fecha_primera_visita, excluded.fecha_primera_visita),
-    fecha_ultima_visita = greatest(v.fecha_ultima_visita, excluded.fecha_ultima_visita),
-    visitas_totales = v.visitas_totales + excluded.visitas_totales,
-    visitas_anio_actual = CASE
-        WHEN date_trunc('year', v.fecha_ultima_visita) = date_trunc('year', excluded.fecha_ultima_visita)
-            THEN v.visitas_anio_actual + excluded.visitas_anio_actual
-        WHEN v.fecha_ultima_visita > excluded.fecha_ultima_visita THEN v.visitas_anio_actual
-        ELSE excluded.visitas_anio_actual END,
-    visitas_mes_actual = CASE
-        WHEN date_trunc('month', v.fecha_ultima_visita) = date_trunc('month', excluded.fecha_ultima_visita)
-            THEN v.visitas_mes_actual + excluded.visitas_mes_actual
-        WHEN v.fecha_ultima_visita > excluded.fecha_ultima_visita THEN v.visitas_mes_actual
-        ELSE excluded.visitas_mes_actual END,
-    updated_at = now()
+FROM visitas_stage AS s
+WHERE NOT EXISTS (SELECT 1 FROM {schema}.visitor AS v WHERE v.email = s.email)
+ORDER BY email
 """
 
 
@@ -367,10 +374,12 @@ class Database:
                 sql.SQL(", ").join(map(sql.Identifier, VISITOR_COLUMNS)))) as copy:
             for start in range(0, summaries.height, 200_000):
                 copy.write(copy_lines(summaries.slice(start, 200_000).select(VISITOR_COLUMNS)))
-        # Merges are serialised (the COPYs above are not); the merge rule alone already makes
-        # the result independent of the order of loads.
+        conn.execute("ANALYZE visitas_stage")  # a temporary table has no statistics otherwise
+        # Merges are serialised (the COPYs above are not): between the UPDATE and the INSERT no
+        # other load adds a visitor.  The merge rule makes the result independent of load order.
         conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_VISITORS,))
-        conn.execute(self.q(VISITOR_MERGE))
+        conn.execute(self.q(VISITOR_UPDATE))
+        conn.execute(self.q(VISITOR_INSERT))
 
     # ------------------------------------------------------------------ archive bookkeeping
 
