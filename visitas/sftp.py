@@ -9,6 +9,7 @@ import os
 import posixpath
 import re
 import stat
+import time
 from pathlib import Path
 
 import paramiko
@@ -145,21 +146,23 @@ class SftpSource:
         def get(sftp: paramiko.SFTPClient) -> int:
             expected = sftp.lstat(self.remote_path(name)).st_size
             try:
+                started = time.perf_counter()
                 sftp.get(self.remote_path(name), str(partial))  # prefetching, full speed
                 os.chmod(partial, 0o600)
                 got = partial.stat().st_size
                 if got != expected:
                     raise EOFError(f"download of {name} is incomplete: {got} of {expected} bytes")
+                fetched = time.perf_counter()
                 with open(partial, "rb") as handle:
                     os.fsync(handle.fileno())
                 os.replace(partial, local_path)
+                log.info("downloaded %s (%d bytes) in %.2fs, written to disk in %.2fs", name, got,
+                         fetched - started, time.perf_counter() - fetched)
                 return got
             finally:
                 partial.unlink(missing_ok=True)
 
-        size = self._call(f"download {name}", get)
-        log.info("downloaded %s (%d bytes)", name, size)
-        return size
+        return self._call(f"download {name}", get)
 
     def remove(self, name: str) -> bool:
         """Delete a file at the source; ``False`` if it was already gone."""
