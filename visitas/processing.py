@@ -219,7 +219,7 @@ def _first_line(path: Path) -> str | None:
 def statistics_batches(checked_dir: Path, source_file: str) -> Iterator[pl.DataFrame]:
     """The valid rows of each checked batch, typed (what goes into ``statistics``)."""
     for part in sorted(checked_dir.glob(CHECKED_GLOB)):
-        yield contract.statistics_rows(pl.scan_parquet(part), source_file).collect()
+        yield contract.statistics_rows(pl.scan_parquet(part), source_file).collect(engine="in-memory")
 
 
 def statistics_copy_chunks(checked_dir: Path, source_file: str) -> Iterator[bytes]:
