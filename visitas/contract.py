@@ -17,6 +17,7 @@ import unicodedata
 from collections.abc import Callable, Iterable
 
 import polars as pl
+from email_validator import EmailNotValidError, validate_email
 
 # Column names used inside visitas, by position in the file.
 COLUMNS: tuple[str, ...] = (
@@ -353,8 +354,6 @@ def is_plain_email(address: pl.Expr) -> pl.Expr:
 
 def check_emails(addresses: Iterable[str]) -> pl.DataFrame:
     """email-validator's verdict (syntax only, never DNS) for each distinct address."""
-    from email_validator import EmailNotValidError, validate_email
-
     verdicts: list[str | None] = []
     distinct = list(dict.fromkeys(a for a in addresses if a is not None))
     for address in distinct:

@@ -42,8 +42,11 @@ VISITOR_COLUMNS = ("email", "fecha_primera_visita", "fecha_ultima_visita", "visi
 # Advisory lock keys (first int of the two-int form): one namespace per purpose.
 LOCK_SCHEMA, LOCK_FILE, LOCK_VISITORS, LOCK_RUN = 7301, 7302, 7303, 7304
 
+# Bump when SCHEMA_DDL changes: connections skip the DDL when the schema records this version.
+SCHEMA_VERSION = 2
 SCHEMA_DDL = """
 CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.visitas_schema (version integer NOT NULL);
 CREATE TABLE IF NOT EXISTS {schema}.load_log (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     file_name       text        NOT NULL,
@@ -227,10 +230,27 @@ class Database:
         self._conn = None
 
     def _ensure_schema(self, conn: psycopg.Connection) -> None:
+        """Create or complete the schema, unless this version's DDL already ran on it.
+
+        Every Luigi worker process connects on its own (one per task with ``--workers N``):
+        the version check spares each of them the DDL's locks and commit.
+        """
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_SCHEMA,))
-            conn.execute(self.q(SCHEMA_DDL))
+            if self._schema_version(conn) != SCHEMA_VERSION:
+                conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_SCHEMA,))
+                conn.execute(self.q(SCHEMA_DDL))
+                conn.execute(self.q("DELETE FROM {schema}.visitas_schema"))
+                conn.execute(self.q("INSERT INTO {schema}.visitas_schema (version) VALUES (%s)"),
+                             (SCHEMA_VERSION,))
         self._schema_ready = True
+
+    def _schema_version(self, conn: psycopg.Connection) -> int | None:
+        name = sql.SQL("{}.visitas_schema").format(sql.Identifier(self.schema)).as_string(conn)
+        table = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0]
+        if table is None:
+            return None
+        row = conn.execute(self.q("SELECT max(version) FROM {schema}.visitas_schema")).fetchone()
+        return row[0]
 
     def run(self, what: str, work: Callable[[psycopg.Connection], object]):
         """Run ``work(conn)`` in one transaction, retried whole on a connection failure."""
