@@ -1,6 +1,7 @@
 """``make bench``: the pipeline against the floor of merely moving the bytes.
 
     python -m visitas.bench --rows 2000000 [--visitors 300000] [--workers 1] [--many-files 200]
+                            [--many-rows 1000]
 
 In one run, on throwaway servers on localhost (PostgreSQL with fsync on, the embedded SFTP server):
 
@@ -12,7 +13,8 @@ In one run, on throwaway servers on localhost (PostgreSQL with fsync on, the emb
    the peak RSS of its process tree sampled every 50 ms;
 4. prints rows, floor and pipeline seconds, their ratio, per-stage seconds, the peak RSS, and the
    row counts in ``statistics``, ``errors`` and ``visitor`` checked against what was planted;
-5. with ``--many-files N``: N files of 1,000 rows in one run, and again with ``--workers 2``.
+5. with ``--many-files N``: N files of ``--many-rows`` rows (1,000) in one run, and again with
+   ``--workers 2``.
 
 It asserts nothing about time: it prints figures.
 """
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defects", type=float, default=0.001)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--many-files", type=int, default=200, help="0 to skip")
+    parser.add_argument("--many-rows", type=int, default=1000, help="rows of each of the many files")
     parser.add_argument("--dir", type=Path, default=Path(".bench"))
     parser.add_argument("--skip-floor", action="store_true")
     args = parser.parse_args(argv)
@@ -239,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.many_files:
             many = bench.base / "many"
             shutil.rmtree(many, ignore_errors=True)
-            sample.generate(many, files=args.many_files, rows=1000, seed=7, defects=0.01)
+            sample.generate(many, files=args.many_files, rows=args.many_rows, seed=7, defects=0.01)
             for workers in (1, 2):
                 for path in many.glob("report_*.txt"):
                     shutil.copyfile(path, bench.remote / path.name)
                 result = bench.pipeline(f"many{workers}", workers)
                 counts = bench.counts(f"many{workers}")
-                print(f"{args.many_files} files x 1,000 rows, --workers {workers}: {result['seconds']:.1f}s "
-                      f"({1000 * result['seconds'] / args.many_files:.0f} ms/file), "
+                print(f"{args.many_files} files x {args.many_rows:,} rows, --workers {workers}: "
+                      f"{result['seconds']:.1f}s ({1000 * result['seconds'] / args.many_files:.0f} ms/file), "
                       f"{counts['files_loaded']} files loaded, peak RSS {result['peak_rss_mb']:.0f} MiB")
         return 0 if ok else 1
     finally:
