@@ -170,7 +170,8 @@ def _data_offset(handle, info: zipfile.ZipInfo) -> int:
     """Where a member's compressed bytes start (after its local header)."""
     handle.seek(info.header_offset)
     header = handle.read(30)
-    name_length, extra_length = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+    name_length = int.from_bytes(header[26:28], "little")
+    extra_length = int.from_bytes(header[28:30], "little")
     return info.header_offset + 30 + name_length + extra_length
 
 
@@ -193,7 +194,8 @@ def _append_deflated(archive: zipfile.ZipFile, deflated: Deflated, member: str) 
     """Write the checked stream into ``archive`` as ``member`` (a deflated entry)."""
     entry = zipfile.ZipInfo(member, date_time=time.localtime(deflated.mtime)[:6])
     entry.compress_type = zipfile.ZIP_DEFLATED
-    entry.CRC, entry.file_size, entry.compress_size = deflated.crc, deflated.file_size, deflated.compress_size
+    entry.CRC, entry.file_size = deflated.crc, deflated.file_size
+    entry.compress_size = deflated.compress_size
     entry.external_attr = (deflated.mode & 0xFFFF) << 16
     zip64 = max(entry.file_size, entry.compress_size) > zipfile.ZIP64_LIMIT
     archive.fp.seek(archive.start_dir)

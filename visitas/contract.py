@@ -164,7 +164,6 @@ def lines_frame(data: bytes, encoding: str, first_line_no: int) -> pl.DataFrame:
     if lines is None or lines.len() != expected:
         text = decode(data, encoding).replace("\r\n", "\n").removesuffix("\n")
         lines = pl.Series("line", [text], dtype=pl.String).str.split("\n").explode()
-        lines = pl.Series("line", [], dtype=pl.String) if expected == 0 else lines
     return (
         pl.DataFrame({"line": lines})
         .with_row_index("line_no", offset=first_line_no)
@@ -220,7 +219,8 @@ def split_columns(lines: pl.DataFrame) -> pl.DataFrame:
     """
     plain = pl.col("line").str.contains(_ROW_PATTERN) & ~pl.col("line").str.contains(r"[\r\x00]")
     lines = lines.with_columns(plain.alias("_plain"))
-    fast, slow = lines.filter(pl.col("_plain")).drop("_plain"), lines.filter(~pl.col("_plain")).drop("_plain")
+    fast = lines.filter(pl.col("_plain")).drop("_plain")
+    slow = lines.filter(~pl.col("_plain")).drop("_plain")
     parts = []
     if fast.height:
         text = fast.select(pl.col("line").str.join("\n").cast(pl.Binary)).item() + b"\n"
