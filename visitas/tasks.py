@@ -11,6 +11,7 @@ Only the run date and the file name are task parameters: no secret ever reaches 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -182,12 +183,14 @@ class LoadPostgres(FileTask):
 
 
     def _precompress(self) -> None:
-        # Lower priority than the COPY path: on two cores the server's backend is the critical one.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        # Lower priority than the COPY path: on two cores the server's backend is the critical one
+        # (Linux: a thread's nice value is its own; elsewhere this may be refused, which is fine).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         try:
             archive.precompress(self.download_path(), self.file_state("backup.deflate"),
                                 config.load().zip_level, self.verdict()["sha256"])
-        except (OSError, ValueError, archive.ArchiveError) as error:  # ArchiveZip tries again
+        except (OSError, archive.ArchiveError) as error:  # ArchiveZip tries again
             log.warning("could not precompress %s: %s", self.file_name, error)
 
 
