@@ -12,6 +12,8 @@ import os
 import luigi
 from luigi.parameter import ParameterVisibility
 
+from visitas.archive import ZIP_LEVELS
+
 PRIVATE = ParameterVisibility.PRIVATE
 
 
@@ -69,7 +71,7 @@ class load(luigi.Config):  # noqa: N801
     batch_mb = luigi.IntParameter(default=8, description="MiB of the file read per batch")
     parallel_batches = luigi.IntParameter(
         default=2, description="batches of a file validated at once, in threads")
-    zip_level = luigi.ChoiceParameter(var_type=int, choices=[0, 1, 2, 3], default=1,
+    zip_level = luigi.ChoiceParameter(var_type=int, choices=list(ZIP_LEVELS), default=1,
                                       description="ISA-L deflate level of the backup zip (0-3)")
 
 
