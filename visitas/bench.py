@@ -112,6 +112,7 @@ username = vinkos
 key_file = {self.keys.client_key}
 known_hosts = {self.known_hosts}
 remote_dir = /{REMOTE_DIR}
+min_age = 0
 [postgres]
 dsn = ${{VISITAS_DSN}}
 schema = {name}

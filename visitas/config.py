@@ -12,6 +12,7 @@ import os
 import luigi
 from luigi.parameter import ParameterVisibility
 
+from visitas import contract
 from visitas.archive import ZIP_LEVELS
 
 PRIVATE = ParameterVisibility.PRIVATE
@@ -29,6 +30,8 @@ class sftp(luigi.Config):  # noqa: N801 - the cfg section is [sftp]
     remote_dir = luigi.Parameter(default="/home/vinkOS/archivosVisitas")
     pattern = luigi.Parameter(default="report_*.txt")
     timeout = luigi.FloatParameter(default=30.0, description="connect and channel timeout, seconds")
+    min_age = luigi.FloatParameter(
+        default=120.0, description="seconds since a file's last modification before it is taken")
 
 
 class postgres(luigi.Config):  # noqa: N801
@@ -71,6 +74,8 @@ class load(luigi.Config):  # noqa: N801
     batch_mb = luigi.IntParameter(default=8, description="MiB of the file read per batch")
     parallel_batches = luigi.IntParameter(
         default=2, description="batches of a file validated at once, in threads")
+    max_line_bytes = luigi.IntParameter(
+        default=contract.MAX_LINE_BYTES, description="a longer line is rejected (line_too_long)")
     zip_level = luigi.ChoiceParameter(var_type=int, choices=list(ZIP_LEVELS), default=1,
                                       description="ISA-L deflate level of the backup zip (0-3)")
 

@@ -36,6 +36,8 @@ username = vinkos
 key_file = {keys.client_key}
 known_hosts = {base / 'known_hosts'}
 remote_dir = /{REMOTE_DIR}
+# The demo's uploads are complete before it runs (production waits 120 s by default).
+min_age = 0
 [postgres]
 dsn = ${{VISITAS_DSN}}
 schema = visitas

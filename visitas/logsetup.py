@@ -6,6 +6,7 @@ import logging
 import logging.handlers
 import os
 import re
+import urllib.parse
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
@@ -18,10 +19,27 @@ def mask(text: str, secrets: list[str] | None = None) -> str:
     """Replace passwords in DSNs and any of the given secret values with ***."""
     text = _DSN_PASSWORD.sub(lambda m: (m.group(1) + "***" + m.group(2)) if m.group(1)
                              else m.group(3) + "***", text)
-    for secret in secrets or []:
+    for secret in sorted(secrets or [], key=len, reverse=True):  # a longer one first
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+def dsn_secrets(dsn: str) -> list[str]:
+    """The password of a DSN as written and as meant (percent-decoded), to mask either form."""
+    values = []
+    for match in _DSN_PASSWORD.finditer(dsn):
+        written = (dsn[match.start(): match.end()].split(":")[-1].split("@")[0]
+                   if match.group(1) else match.group(4).strip("'"))
+        values += [written, urllib.parse.unquote(written)]
+    # A URI password with an unencoded '@' or ':' fools the pattern: everything between the
+    # scheme's '//' and the last '@' is then masked whole, and its parts after the user too.
+    if "://" in dsn and "@" in dsn:
+        userinfo = dsn.split("://", 1)[1].rsplit("@", 1)[0]
+        if ":" in userinfo:
+            password = userinfo.split(":", 1)[1]
+            values += [password, urllib.parse.unquote(password)]
+    return [v for v in values if v]
 
 
 def configured_secrets() -> list[str]:
@@ -29,10 +47,7 @@ def configured_secrets() -> list[str]:
     from visitas import config
 
     values = [config.sftp().password, config.sftp().key_passphrase, config.notify().smtp_password]
-    dsn = config.postgres().resolved_dsn()
-    for match in _DSN_PASSWORD.finditer(dsn):
-        values.append(dsn[match.start(): match.end()].split(":")[-1].split("@")[0]
-                      if match.group(1) else match.group(4).strip("'"))
+    values += dsn_secrets(config.postgres().resolved_dsn())
     return [v for v in values if v]
 
 
@@ -46,6 +61,9 @@ class SecretFilter(logging.Filter):
         masked = mask(message, self.secrets)
         if masked != message:
             record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:  # tracebacks too (the formatter keeps this)
+            record.exc_text = mask(logging.Formatter().formatException(record.exc_info),
+                                   self.secrets)
         return True
 
 

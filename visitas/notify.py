@@ -44,9 +44,19 @@ def record_failure(task: luigi.Task, error: object) -> None:
     entry = {"task": str(task), "file": getattr(task, "file_name", None),
              "error": logsetup.mask(text, logsetup.configured_secrets())[:2000],
              "at": dt.datetime.now().isoformat(timespec="seconds")}
+    _append(entry)
+
+
+def record_deferred(file_name: str, why: str) -> None:
+    """A file left at the source this run (still being written): the run report says so."""
+    _append({"kind": "deferred", "file": file_name, "why": why,
+             "at": dt.datetime.now().isoformat(timespec="seconds")})
+
+
+def _append(entry: dict) -> None:
     path = failures_file()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(path, "a", encoding="utf-8") as handle:
+    with open(path, "a", encoding="utf-8") as handle:  # one write per line: O_APPEND is atomic
         handle.write(json.dumps(entry) + "\n")
 
 
@@ -83,7 +93,7 @@ def prune_failure_files(keep_days: int = 30) -> None:
             path.unlink(missing_ok=True)
 
 
-def _read_failures() -> list[dict]:
+def _read_events() -> list[dict]:
     path = failures_file()
     if not path.exists():
         return []
@@ -94,8 +104,11 @@ def gather(run_date: dt.date) -> dict:
     """What this run did: its load_log rows, error reasons with examples, failures."""
     from visitas import db
 
+    events = _read_events()
+    deferred = {e["file"]: e for e in events if e.get("kind") == "deferred"}
     report = {"run_id": RUN_ID, "run_date": run_date.isoformat(), "files": [], "reasons": [],
-              "errors": [], "failures": _read_failures(), "database_error": None}
+              "errors": [], "failures": [e for e in events if e.get("kind", "failure") == "failure"],
+              "deferred": list(deferred.values()), "database_error": None}
     limit = config.notify().max_attachment_rows
     try:
         database = db.database()
@@ -125,7 +138,7 @@ def gather(run_date: dt.date) -> dict:
 
 def needs_mail(report: dict) -> bool:
     bad_file = any(f["status"] != "loaded" or f["rows_rejected"] for f in report["files"])
-    return bool(bad_file or report["failures"] or report["database_error"])
+    return bool(bad_file or report["failures"] or report.get("deferred") or report["database_error"])
 
 
 def compose(report: dict, sender: str, recipients: list[str], limit: int) -> EmailMessage:
@@ -136,6 +149,9 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
     subject = (f"[visitas] run {report['run_date']}: {counts['loaded']} loaded, "
                f"{counts['rejected']} rejected, {counts['duplicate']} duplicate, {failed} failed, "
                f"{rows_rejected} rows rejected")
+    deferred = report.get("deferred", [])
+    if deferred:
+        subject += f", {len(deferred)} left at the source"
     lines = [f"visitas run {report['run_id']} for {report['run_date']}", ""]
     if files:
         lines.append(f"{'file':<28} {'status':<10} {'read':>9} {'loaded':>9} {'rejected':>9}  note")
@@ -148,6 +164,9 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
     if report["reasons"]:
         lines += ["", "Most common error reasons (count, first example):"]
         lines += [f"  {r['reason']:<18} {r['n']:>7}  {r['example']}" for r in report["reasons"]]
+    if deferred:
+        lines += ["", "Left at the source for a later run (still being written):"]
+        lines += [f"  {d['file']}: {d['why']}" for d in deferred]
     if report["failures"]:
         lines += ["", "Failures (the next run resumes them; nothing was lost):"]
         lines += [f"  {f['at']} {f['task']}: {f['error']}" for f in report["failures"]]

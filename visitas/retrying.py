@@ -14,17 +14,26 @@ import psycopg
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+class RetryNow(Exception):
+    """The operation met a state that a fresh attempt resolves (raised on purpose)."""
+
+
 # What an outage looks like: the server is down, restarting, or the connection dropped.
 TRANSIENT = (
     psycopg.OperationalError,
     paramiko.SSHException,
     socket.error,  # OSError: refused, reset, timed out
     EOFError,
+    RetryNow,
 )
 
 
 class PermanentError(Exception):
     """Mixed into errors that look transient by type but that no retry will fix."""
+
+
+class ConfigError(PermanentError, ValueError):
+    """The configuration is incomplete or wrong: say what to fix, never a secret."""
 
 
 # ...except these, which no retry will fix.

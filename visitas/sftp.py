@@ -11,11 +11,12 @@ import re
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
 
-from visitas import retrying
+from visitas import logsetup, retrying
 from visitas.runinfo import per_process
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 class UnsafeName(ValueError):
     """A remote file name that must not become part of a local path."""
+
+
+class StillBeingWritten(Exception):
+    """The file is younger than ``min_age`` or changed while it was read: leave it this run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +95,9 @@ class SftpSource:
             client.close()
             if "not found in known_hosts" in str(error):
                 raise UnknownHostKey(self.host, self.port, self.known_hosts) from None
+            masked = logsetup.mask(str(error), [self._password, self._key_passphrase])
+            if masked != str(error):  # never a secret in a traceback, a mail or luigid
+                raise type(error)(masked) from None
             raise
         sftp = client.open_sftp()
         sftp.get_channel().settimeout(self.timeout)
@@ -139,31 +147,54 @@ class SftpSource:
 
         return self._call(f"listing {self.remote_dir}", listing)
 
-    def size_of(self, name: str) -> int:
-        return self._call(f"stat {name}", lambda sftp: sftp.lstat(self.remote_path(name)).st_size)
+    def stat(self, name: str) -> RemoteFile:
+        def lstat(sftp: paramiko.SFTPClient) -> RemoteFile:
+            attrs = sftp.lstat(self.remote_path(name))
+            return RemoteFile(name, attrs.st_size or 0, attrs.st_mtime or 0)
 
-    def download(self, name: str, local_path: Path) -> int:
-        """Download to a temporary name beside ``local_path``, check the size, rename into place."""
+        return self._call(f"stat {name}", lstat)
+
+    def download(self, name: str, local_path: Path, min_age: float = 0.0,
+                 before_rename: Callable[[RemoteFile], None] | None = None) -> RemoteFile:
+        """Download to a temporary name beside ``local_path``, check it, rename into place.
+
+        Raises :class:`StillBeingWritten` (and keeps nothing) when the file was modified less
+        than ``min_age`` seconds ago, or when its size or mtime changed during the download: a
+        partner's upload still going on.  ``before_rename(remote)`` is called with the file's
+        size and mtime before the download appears under its name.
+        """
         check_safe(name)
         local_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         partial = local_path.with_name(f".{local_path.name}.part-{os.getpid()}")
 
-        def get(sftp: paramiko.SFTPClient) -> int:
-            expected = sftp.lstat(self.remote_path(name)).st_size
+        def get(sftp: paramiko.SFTPClient) -> RemoteFile:
+            before = sftp.lstat(self.remote_path(name))
+            age = time.time() - (before.st_mtime or 0)
+            if age < min_age:
+                raise StillBeingWritten(f"{name} was modified {max(age, 0):.0f}s ago (min_age is"
+                                        f" {min_age:.0f}s): it may still be being written")
             try:
                 started = time.perf_counter()
                 sftp.get(self.remote_path(name), str(partial))  # prefetching, full speed
                 os.chmod(partial, 0o600)
+                after = sftp.lstat(self.remote_path(name))
+                if (after.st_size, after.st_mtime) != (before.st_size, before.st_mtime):
+                    raise StillBeingWritten(
+                        f"{name} changed while it was downloaded ({before.st_size} -> "
+                        f"{after.st_size} bytes): it is still being written")
                 got = partial.stat().st_size
-                if got != expected:
-                    raise EOFError(f"download of {name} is incomplete: {got} of {expected} bytes")
+                if got != before.st_size:
+                    raise EOFError(f"download of {name} is incomplete: {got} of {before.st_size} bytes")
                 fetched = time.perf_counter()
                 with open(partial, "rb") as handle:
                     os.fsync(handle.fileno())
+                remote = RemoteFile(name, before.st_size or 0, before.st_mtime or 0)
+                if before_rename:
+                    before_rename(remote)
                 os.replace(partial, local_path)
                 log.info("downloaded %s (%d bytes) in %.2fs, written to disk in %.2fs", name, got,
                          fetched - started, time.perf_counter() - fetched)
-                return got
+                return remote
             finally:
                 partial.unlink(missing_ok=True)
 

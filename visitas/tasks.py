@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import luigi
@@ -59,19 +60,27 @@ class FileTask(VisitasTask):
         path = self.file_state("checked", processing.VERDICT_FILE)
         return json.loads(path.read_text()) if path.exists() else None
 
-    def summary(self) -> dict:
-        return json.loads(self.file_state("split", "summary.json").read_text())
+    def remote_record(self) -> Path:
+        """The file's size and mtime at the source when it was downloaded."""
+        return self.file_state("remote.json")
 
     def elsewhere_marker(self) -> Path:
         return self.state_root() / "elsewhere" / sftp.check_safe(self.file_name)
 
-    def handled_elsewhere(self) -> bool:
-        """Another worker or host took this file (it vanished from the source after its load)."""
-        return self.elsewhere_marker().exists()
+    def deferred_marker(self) -> Path:
+        return self.state_root() / "deferred" / sftp.check_safe(self.file_name)
+
+    def skipped(self) -> bool:
+        """Another worker or host took this file (it vanished from the source after its load),
+        or this run left it at the source because it is still being written."""
+        if self.elsewhere_marker().exists():
+            return True
+        deferred = self.deferred_marker()
+        return deferred.exists() and deferred.read_text() == RUN_ID
 
     def complete(self) -> bool:
-        # A file taken by another worker or host completes every step of this chain.
-        return self.handled_elsewhere() or super().complete()
+        # A file skipped this run completes every step of its chain for this run.
+        return self.skipped() or super().complete()
 
 
 class DownloadReport(FileTask):
@@ -83,14 +92,23 @@ class DownloadReport(FileTask):
     def run(self):
         self.set_status_message(f"downloading {self.file_name}")
         try:
-            sftp.source().download(self.file_name, self.download_path())
+            sftp.source().download(self.file_name, self.download_path(),
+                                   min_age=config.sftp().min_age, before_rename=self._record_remote)
+        except sftp.StillBeingWritten as why:
+            log.warning("%s left at the source for a later run: %s", self.file_name, why)
+            notify.record_deferred(self.file_name, str(why))
+            _write_atomically(self.deferred_marker(), RUN_ID)
         except FileNotFoundError:
             if not db.database().removed_at_source(self.file_name, self.date):
                 raise
             log.info("%s was loaded and removed by another worker or host: skipping it",
                      self.file_name)
-            self.elsewhere_marker().parent.mkdir(parents=True, exist_ok=True)
-            self.elsewhere_marker().touch()
+            _write_atomically(self.elsewhere_marker(), "")
+
+    def _record_remote(self, remote: sftp.RemoteFile) -> None:
+        # Before the download appears under its name: a download on disk always has its record.
+        _write_atomically(self.remote_record(), json.dumps({"size": remote.size,
+                                                            "mtime": remote.mtime}))
 
 
 class ValidateReport(FileTask):
@@ -103,13 +121,14 @@ class ValidateReport(FileTask):
         return luigi.LocalTarget(str(self.file_state("checked")))
 
     def run(self):
-        if self.handled_elsewhere():  # scheduled before another host took the file
+        if self.skipped():  # scheduled before another host took it, or left this run
             return
-        batch = config.load().batch_mb * 1024 * 1024
+        settings = config.load()
         with self.output().temporary_path() as tmp:
-            verdict = processing.validate_report(Path(self.input().path), self.file_name, Path(tmp),
-                                                 batch, config.load().parallel_batches,
-                                                 progress=self._progress)
+            verdict = processing.validate_report(
+                Path(self.input().path), self.file_name, Path(tmp), settings.batch_mb * 1024 * 1024,
+                settings.parallel_batches, progress=self._progress,
+                max_line_bytes=settings.max_line_bytes)
         self.set_status_message(f"{verdict.rows_read} rows read, {verdict.rows_rejected} rejected"
                                 if verdict.status == "valid" else f"rejected: {verdict.message}")
 
@@ -131,7 +150,7 @@ class SplitVisitorStats(FileTask):
         return luigi.LocalTarget(str(self.file_state("split")))
 
     def run(self):
-        if self.handled_elsewhere():  # scheduled before another host took the file
+        if self.skipped():  # scheduled before another host took it, or left this run
             return
         with self.output().temporary_path() as tmp:
             summary = processing.split_report(Path(self.input().path), self.file_name, Path(tmp))
@@ -161,26 +180,32 @@ class LoadPostgres(FileTask):
         return db.LoadLogTarget(self.file_name, verdict and verdict["sha256"], self.date)
 
     def run(self):
-        if self.handled_elsewhere():  # scheduled before another host took the file
+        if self.skipped():  # scheduled before another host took it, or left this run
             return
         started_at = dt.datetime.now(dt.timezone.utc)
         self.set_status_message(f"loading {self.file_name}")
+        job = processing.LoadJob(source=self.download_path(), checked_dir=self.file_state("checked"),
+                                 split_dir=Path(self.input()["split"].path),
+                                 work_dir=self.file_state("reload"))
+        database = db.database()
         # Deflate the backup while the database works (zlib releases the GIL): ArchiveZip then
         # only copies the compressed bytes into the day's zip, after the commit.
         packing = threading.Thread(target=self._precompress, name="precompress", daemon=True)
         packing.start()
         try:
-            checked = self.file_state("checked")
-            row = db.database().load_file(
-                Path(self.input()["split"].path), self.summary(), self.date, RUN_ID, started_at,
-                statistics=lambda: processing.statistics_copy_chunks(checked, self.file_name))
+            row = database.load_file(job, self.date, RUN_ID, started_at)
+        except Exception as error:
+            # Recorded in load_log and errors (their own transaction); the next successful
+            # load of the file replaces the record.
+            database.record_failed_load(self.file_name, job.sha256, job.size, self.date, RUN_ID,
+                                        started_at, f"{type(error).__name__}: {error}")
+            raise
         finally:
             packing.join()
         self.set_status_message(f"{row['status']}: {row['rows_loaded']} rows loaded, "
                                 f"{row['rows_rejected']} rejected")
         log.info("%s %s: %d rows read, %d loaded, %d rejected (load_log id %d)", self.file_name,
                  row["status"], row["rows_read"], row["rows_loaded"], row["rows_rejected"], row["id"])
-
 
     def _precompress(self) -> None:
         # Lower priority than the COPY path: on two cores the server's backend is the critical one
@@ -204,7 +229,7 @@ class ArchiveZip(FileTask):
         return luigi.LocalTarget(str(self.state_root() / "archived" / f"{self.file_name}.json"))
 
     def run(self):
-        if self.handled_elsewhere():  # scheduled before another host took the file
+        if self.skipped():  # scheduled before another host took it, or left this run
             return
         database = db.database()
         sha = self.verdict()["sha256"]
@@ -226,15 +251,22 @@ class ArchiveZip(FileTask):
                                              "removed_at_source": removed}))
 
     def _unchanged_at_source(self, source: sftp.SftpSource) -> bool:
-        """Never delete a file the partner replaced after we downloaded it."""
-        local_size = self.download_path().stat().st_size
+        """Never delete a file the partner replaced or touched after we downloaded it: its
+        size and mtime must be those recorded at the download."""
         try:
-            remote_size = source.size_of(self.file_name)
+            recorded = json.loads(self.remote_record().read_text())
+        except (OSError, ValueError):
+            log.warning("%s: no record of its size and mtime at the download: left at the"
+                        " source (the next run sees it again)", self.file_name)
+            return False
+        try:
+            now = source.stat(self.file_name)
         except FileNotFoundError:
             return True  # already gone (another worker or host removed it)
-        if remote_size != local_size:
-            log.warning("%s changed at the source since it was downloaded (%d -> %d bytes): "
-                        "left there for the next run", self.file_name, local_size, remote_size)
+        if (now.size, now.mtime) != (recorded["size"], recorded["mtime"]):
+            log.warning("%s changed at the source since it was downloaded (%d bytes, mtime %d ->"
+                        " %d bytes, mtime %d): left there for the next run", self.file_name,
+                        recorded["size"], recorded["mtime"], now.size, now.mtime)
             return False
         return True
 
@@ -255,10 +287,31 @@ class RunAll(luigi.WrapperTask):
     def requires(self):
         if not hasattr(self, "_reports"):
             notify.send_report_at_exit(self.date)
-            self._reports = sftp.source().list_reports()
-            log.info("%d report(s) on the server: %s", len(self._reports),
-                     ", ".join(r.name for r in self._reports) or "none")
+            listed = sftp.source().list_reports()
+            log.info("%d report(s) on the server: %s", len(listed),
+                     ", ".join(r.name for r in listed) or "none")
+            self._reports = [r for r in listed if self._old_enough(r)]
         return [ArchiveZip(date=self.date, file_name=r.name) for r in self._reports]
+
+    @staticmethod
+    def _old_enough(report: sftp.RemoteFile) -> bool:
+        """A file modified less than ``[sftp] min_age`` ago may still be being uploaded."""
+        age = time.time() - report.mtime
+        min_age = config.sftp().min_age
+        if age >= min_age:
+            return True
+        why = (f"modified {max(age, 0):.0f}s ago (min_age is {min_age:.0f}s): it may still be"
+               " being written")
+        log.warning("%s left at the source for a later run: %s", report.name, why)
+        notify.record_deferred(report.name, why)
+        return False
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 @luigi.Task.event_handler(luigi.Event.PROCESSING_TIME)

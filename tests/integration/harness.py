@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import configparser
+import datetime as dt
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -51,6 +54,8 @@ keep_alive = false
 {sftp_lines}
 remote_dir = {self.remote_path}
 timeout = 10
+# The tests' uploads are complete before each run.
+min_age = 0
 [postgres]
 dsn = ${{VISITAS_TEST_PIPELINE_DSN}}
 schema = {self.schema}
@@ -84,9 +89,8 @@ path = {self.log_file}
         environment.pop("VISITAS_RUN_ID", None)
         scheduler = (["--scheduler-host", "127.0.0.1", "--scheduler-port", str(scheduler_port)]
                      if scheduler_port else ["--local-scheduler"])
-        return subprocess.run([LUIGI, "--module", "visitas", task, *scheduler, *args],
-                              cwd=self.tmp, env=environment, capture_output=True, text=True,
-                              timeout=timeout)
+        return run_measured([LUIGI, "--module", "visitas", task, *scheduler, *args],
+                            cwd=self.tmp, env=environment, timeout=timeout)
 
     def popen(self, *args: str, env: dict | None = None) -> "Running":
         """Start the command in the background; its output goes to a file (never a full pipe)."""
@@ -167,13 +171,11 @@ path = {self.log_file}
     def stop_failing(self) -> None:
         self.execute("DROP TRIGGER visitas_test_fault ON statistics")
 
-    def visitors(self) -> pl.DataFrame:
+    def visitors(self, source: str = "visitor", params: tuple = ()) -> pl.DataFrame:
         rows = self.query("SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales,"
-                          " visitas_anio_actual, visitas_mes_actual FROM visitor ORDER BY email")
-        return pl.DataFrame(rows, orient="row", schema={
-            "email": pl.String, "fecha_primera_visita": pl.Date, "fecha_ultima_visita": pl.Date,
-            "visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64,
-            "visitas_mes_actual": pl.Int64})
+                          f" visitas_anio_actual, visitas_mes_actual FROM {source} ORDER BY email",
+                          params)
+        return pl.DataFrame(rows, orient="row", schema=VISITOR_SCHEMA)
 
     def load_count(self) -> int:
         """Rows in load_log, 0 while the schema does not exist yet (for polling)."""
@@ -185,6 +187,35 @@ path = {self.log_file}
     def loads(self) -> list[tuple]:
         return self.query("SELECT file_name, status, rows_read, rows_loaded, rows_rejected"
                           " FROM load_log ORDER BY id")
+
+
+class Finished(subprocess.CompletedProcess):
+    """A finished command with its own peak memory (``max_rss_kib``, from wait4)."""
+
+    max_rss_kib: int = 0
+
+
+def run_measured(command: list[str], cwd: Path, env: dict, timeout: float) -> Finished:
+    """``subprocess.run`` with captured text output, plus the peak RSS of that process alone
+    (``wait4``'s rusage: not every child this test session ever waited for)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                os.wait4(process.pid, 0)
+                raise subprocess.TimeoutExpired(command, timeout)
+            time.sleep(0.05)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = Finished(command, process.returncode, out.read(), err.read())
+    result.max_rss_kib = usage.ru_maxrss
+    return result
 
 
 class Running:
@@ -226,10 +257,26 @@ def assert_exactly_once(env: Env, *manifests: dict) -> None:
     assert env.local_files() == []
 
 
-def expected_visitors(truth: pl.DataFrame) -> pl.DataFrame:
-    from visitas import visitors
+VISITOR_SCHEMA = {
+    "email": pl.String, "fecha_primera_visita": pl.Date, "fecha_ultima_visita": pl.Date,
+    "visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64, "visitas_mes_actual": pl.Int64}
 
-    return visitors.visitor_rule(truth.select("email", "sent_at").lazy()).collect()
+
+def expected_visitors(truth: pl.DataFrame, as_of: dt.date | None = None) -> pl.DataFrame:
+    """The visitor table the rule gives for all these visits, worked out here in plain Python
+    (an oracle written apart from visitas.visitors, which it checks).  ``as_of``: the counters
+    relative to that day instead of the latest visit (visitor_as_of, visitor_today)."""
+    days: dict[str, list[dt.date]] = {}
+    for email, sent_at in truth.select("email", "sent_at").iter_rows():
+        days.setdefault(email, []).append(sent_at.date())
+    rows = []
+    for email in sorted(days):
+        visits = days[email]
+        current = as_of or max(visits)
+        rows.append((email, min(visits), max(visits), len(visits),
+                     sum(1 for d in visits if d.year == current.year),
+                     sum(1 for d in visits if (d.year, d.month) == (current.year, current.month))))
+    return pl.DataFrame(rows, orient="row", schema=VISITOR_SCHEMA)
 
 
 def start_sftp(kind: str, tmp: Path, keys: devservers.SshKeys, password: str = ""):

@@ -79,12 +79,23 @@ def test_rerun_after_a_failure_in_load_postgres_loads_every_file_once(env):
 
     failed = env.luigi()
     assert failed.returncode == 30, failed.stderr[-3000:]  # [retcode] task_failed
-    assert sorted(r[0] for r in env.loads()) == ["report_1.txt", "report_3.txt"]
+    # The failure is recorded, in a transaction of its own: nothing of the load itself.
+    assert sorted(r[:2] for r in env.loads()) == [
+        ("report_1.txt", "loaded"), ("report_2.txt", "failed"), ("report_3.txt", "loaded")]
+    [(load_id, message)] = env.query("SELECT id, message FROM load_log WHERE status = 'failed'")
+    assert "injected failure" in message
+    assert env.query("SELECT line_no, column_name, reason, load_id, message LIKE '%%injected failure%%'"
+                     " FROM errors WHERE source_file = 'report_2.txt'") == [
+        (0, "(file)", "load_error", load_id, True)]
+    assert env.query("SELECT count(*) FROM statistics WHERE source_file = 'report_2.txt'") == [(0,)]
     assert env.remote_reports() == ["report_2.txt"]  # nothing deleted before it is committed
 
     env.stop_failing()
     rerun = env.luigi()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # The successful load replaced the record: counted once, no failure left behind.
+    assert env.query("SELECT count(*) FROM load_log WHERE status = 'failed'") == [(0,)]
+    assert env.query("SELECT count(*) FROM errors WHERE reason = 'load_error'") == [(0,)]
     _assert_loaded_exactly_as_planted(env, manifest)
     assert env.remote_reports() == []
     assert len(env.zip_members()) == 3

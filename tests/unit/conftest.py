@@ -23,8 +23,10 @@ def check():
     from visitas import contract
 
     def _check(*lines: str) -> pl.DataFrame:
-        frame = pl.DataFrame({"line_no": list(range(2, 2 + len(lines))), "line": list(lines)},
-                             schema={"line_no": pl.Int64, "line": pl.String})
+        n = len(lines)
+        frame = pl.DataFrame({"line_no": list(range(2, 2 + n)), "line": list(lines),
+                              "cp1252": [False] * n, "too_long": [False] * n},
+                             schema=contract.LINES_SCHEMA)
         return contract.validate_lines(frame)
 
     return _check

@@ -38,59 +38,78 @@ def test_header_rejections_name_the_problem(header, reason, words):
     assert words in caught.value.message
 
 
-def test_binary_head_is_rejected():
-    with pytest.raises(contract.FileRejected, match="NUL byte at offset 3"):
-        contract.sniff_binary(b"abc\x00def")
-    contract.sniff_binary(HEADER.encode())
+@pytest.mark.parametrize("line, offset", [(b"abc\x00def", 3), (b"\x07email", 0), (b"a,b\x1bc", 3)])
+def test_a_first_line_with_control_bytes_is_binary(line, offset):
+    with pytest.raises(contract.FileRejected, match=f"at offset {offset} of the first line") as caught:
+        contract.check_text_header(line)
+    assert caught.value.reason == "binary_file"
 
 
-# ---------------------------------------------------------------- encoding
+def test_a_text_header_passes():
+    contract.check_text_header(HEADER.encode())
+    contract.check_text_header("email,jk,Fecha envío\t".encode("cp1252"))
 
-@pytest.mark.parametrize("data, expected", [
-    (HEADER.encode("utf-8"), "utf-8"),
-    (b"\xef\xbb\xbf" + HEADER.encode("utf-8"), "utf-8-sig"),
-    ("Explorador móvil".encode("utf-8"), "utf-8"),
-    ("Explorador móvil".encode("cp1252"), "cp1252"),
+
+# ---------------------------------------------------------------- encoding, line by line
+
+@pytest.mark.parametrize("data, text, cp1252", [
+    (b"plain", "plain", False),
+    ("Explorador móvil".encode("utf-8"), "Explorador móvil", False),
+    ("Explorador móvil".encode("cp1252"), "Explorador móvil", True),
+    (b"\x81 undefined in cp1252", "\ufffd undefined in cp1252", True),
 ])
-def test_encoding_sniffer(data, expected):
-    sniffer = contract.EncodingSniffer()
-    # Feed byte by byte: a multi-byte character split across chunks is still UTF-8.
-    for i in range(len(data)):
-        sniffer.feed(data[i:i + 1])
-    sniffer.feed(b"", final=True)
-    assert sniffer.encoding == expected
+def test_each_line_is_utf8_or_else_windows_1252(data, text, cp1252):
+    assert contract.decode_line(data) == (text, cp1252)
 
 
-def test_cp1252_accents_survive_decoding():
-    assert contract.decode("Navegación móvil".encode("cp1252"), "cp1252") == "Navegación móvil"
-    assert contract.decode(b"\xef\xbb\xbfemail", "utf-8-sig") == "email"
+def test_one_stray_byte_spoils_only_its_own_line():
+    data = "Navegación\n".encode() + "móvil\n".encode("cp1252") + "acción\n".encode()
+    frame, utf8_non_ascii = contract.lines_frame(data, first_line_no=2)
+    assert frame["line"].to_list() == ["Navegación", "móvil", "acción"]
+    assert frame["cp1252"].to_list() == [False, True, False]
+    assert utf8_non_ascii
 
 
 # ---------------------------------------------------------------- lines
 
-def test_lines_frame_handles_crlf_lf_and_blank_lines():
-    frame = contract.lines_frame(b"a\r\nb\n\r\n \t\nc", "utf-8", first_line_no=2)
-    expected = pl.DataFrame({"line_no": [2, 3, 6], "line": ["a", "b", "c"]},
-                            schema={"line_no": pl.Int64, "line": pl.String})
-    assert_frame_equal(frame, expected)
+def _lines(data: bytes, **kwargs) -> list[tuple]:
+    frame, _ = contract.lines_frame(data, first_line_no=2, **kwargs)
+    return list(frame.select("line_no", "line").iter_rows())
+
+
+def test_lf_crlf_and_a_lone_cr_all_end_lines():
+    assert _lines(b"a\r\nb\nc\rd\r\re") == [(2, "a"), (3, "b"), (4, "c"), (5, "d"), (7, "e")]
+
+
+def test_empty_lines_are_not_rows_but_keep_the_numbering():
+    assert _lines(b"a\n\r\n\nb\n") == [(2, "a"), (5, "b")]
+
+
+def test_a_line_of_spaces_or_control_characters_is_a_row():
+    assert _lines(b"a\n \t\n\x01\x02\nb") == [(2, "a"), (3, " \t"), (4, "\x01\x02"), (5, "b")]
 
 
 @pytest.mark.parametrize("data, lines", [
     (b"a\x01b\nc\n", ["a\x01b", "c"]),           # Polars' reader would see two fields
     (b"\xef\xbb\xbfa\nb", ["\ufeffa", "b"]),       # a BOM inside the file is data, not stripped
-    (b"a\rb\r\r\nc\n", ["a\rb\r", "c"]),            # only the CR of a CRLF ends a line
     (b'x,"open\ny\n', ['x,"open', "y"]),           # a quote never joins lines
+    (b"a\x00\x00b\nc", ["a\x00\x00b", "c"]),       # NUL bytes stay in their line
     (b"", []),
 ])
 def test_lines_frame_keeps_every_byte_of_every_line(data, lines):
-    frame = contract.lines_frame(data, "utf-8", first_line_no=2)
+    frame, _ = contract.lines_frame(data, first_line_no=2)
     assert frame["line"].to_list() == lines
     assert frame["line_no"].to_list() == list(range(2, 2 + len(lines)))
 
 
-def test_lines_frame_decodes_cp1252():
-    frame = contract.lines_frame("Navegación\r\nmóvil".encode("cp1252"), "cp1252", first_line_no=2)
-    assert frame["line"].to_list() == ["Navegación", "móvil"]
+def test_a_line_over_the_limit_keeps_only_its_start():
+    frame, _ = contract.lines_frame(b"short\n" + b"x" * 3000 + b"\nok\n", 2, max_line_bytes=2000)
+    assert frame["too_long"].to_list() == [False, True, False]
+    assert [len(line) for line in frame["line"]] == [5, contract.EXCERPT_BYTES, 2]
+
+
+def test_line_ends_are_counted_like_the_splitter_splits():
+    assert contract.count_line_ends(b"a\r\nb\nc\rd\r\r") == 5
 
 
 def test_split_line_unquotes_multi_value_fields():
@@ -113,9 +132,21 @@ def test_good_row_is_typed(check):
     assert_frame_equal(stats, expected)
 
 
-def test_email_is_trimmed_and_lower_cased(check):
-    stats = contract.statistics_rows(check(row(email="  Ana.Perez@Example.COM ")).lazy(), "f").collect()
-    assert stats["email"].to_list() == ["ana.perez@example.com"]
+def test_statistics_keep_the_trimmed_email_and_visits_use_the_lower_cased_key(check):
+    checked = check(row(email="  Ana.Perez@Example.COM ")).lazy()
+    assert contract.statistics_rows(checked, "f").collect()["email"].to_list() == [
+        "Ana.Perez@Example.COM"]
+    assert contract.visits(checked).collect()["email"].to_list() == ["ana.perez@example.com"]
+
+
+@pytest.mark.parametrize("spellings", [
+    ["josé@ejemplo.mx", "jose\u0301@ejemplo.mx", "JOSÉ@Ejemplo.MX"],   # NFC, NFD, case
+    ["ana@münchen.de", "ana@xn--mnchen-3ya.de", "Ana@MÜNCHEN.de"],    # Unicode and IDNA domain
+])
+def test_one_address_in_several_spellings_is_one_visitor(check, spellings):
+    visits = contract.visits(check(*(row(email=e) for e in spellings)).lazy()).collect()
+    assert visits.height == len(spellings)
+    assert visits["email"].n_unique() == 1
 
 
 def test_dash_and_empty_are_null(check):
@@ -130,14 +161,21 @@ def test_open_before_send_is_valid_but_warned(check):
                     row(fecha_open="-", fecha_click="09/02/2013 10:00"))
     stats = contract.statistics_rows(checked.lazy(), "f").collect()
     assert stats.height == 3
-    warnings = contract.warning_counts(stats.lazy()).collect().row(0, named=True)
+    warnings = contract.warning_counts(checked.lazy()).collect().row(0, named=True)
     assert warnings == {"open_before_send": 1, "click_before_send": 0,
-                        "click_without_open": 1, "baja_with_activity": 1}
+                        "click_without_open": 1, "baja_with_activity": 1, "mixed_encoding": 0}
+
+
+def test_warnings_count_valid_rows_only_and_every_windows_1252_line(check):
+    checked = check(row(fecha_open="01/02/2013 10:00"), row(fecha_open="01/02/2013 10:00", opens="x"))
+    checked = checked.with_columns(pl.Series("cp1252", [False, True]))
+    warnings = contract.warning_counts(checked.lazy()).collect().row(0, named=True)
+    assert (warnings["open_before_send"], warnings["mixed_encoding"]) == (1, 1)
 
 
 def test_duplicate_emails_within_a_file_are_two_visits(check):
     checked = check(GOOD_ROW, row(fecha_envio="09/03/2013 10:00"))
-    visits = contract.visits(contract.statistics_rows(checked.lazy(), "f")).collect()
+    visits = contract.visits(checked.lazy()).collect()
     assert visits.height == 2 and visits["email"].n_unique() == 1
 
 
@@ -224,8 +262,8 @@ def test_each_distinct_unusual_email_is_validated_once_by_email_validator():
 
     lines = [GOOD_ROW, GOOD_ROW, row(email="josé@ejemplo.mx"), row(email="josé@ejemplo.mx"),
              row(email="x@ejemplo.test")]
-    frame = pl.DataFrame({"line_no": list(range(2, 7)), "line": lines})
-    contract.validate_lines(frame.with_columns(pl.col("line_no").cast(pl.Int64)), counting_checker)
+    frame, _ = contract.lines_frame("\n".join(lines).encode(), first_line_no=2)
+    contract.validate_lines(frame, counting_checker)
     assert len(seen) == 1 and sorted(seen[0]) == ["josé@ejemplo.mx", "x@ejemplo.test"]
 
 

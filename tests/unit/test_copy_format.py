@@ -37,21 +37,3 @@ def test_plain_and_empty_arrays():
 def test_timestamps_and_dates_need_no_escaping():
     frame = pl.DataFrame({"d": [dt.date(2025, 1, 2)], "n": [7]})
     assert copy_lines(frame) == b"2025-01-02\t7\n"
-
-
-def test_prefetch_yields_in_order_and_passes_errors_on():
-    import pytest
-
-    from visitas.db import prefetch
-
-    assert list(prefetch(iter([b"a", b"b", b"c"]), depth=1)) == [b"a", b"b", b"c"]
-
-    def failing():
-        yield b"a"
-        raise ValueError("formatter broke")
-
-    with pytest.raises(ValueError, match="formatter broke"):
-        list(prefetch(failing()))
-    stopped = prefetch(iter([b"x"] * 100), depth=1)
-    assert next(stopped) == b"x"
-    stopped.close()  # the consumer gives up: the producer thread ends too

@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 
 from visitas import processing
+from visitas.copy_format import copy_lines
 
 from .conftest import GOOD_ROW, HEADER, row
 
@@ -24,8 +25,8 @@ def _copy_rows(path):
 
 
 def _statistics_rows(tmp_path):
-    chunks = processing.statistics_copy_chunks(tmp_path / "checked", "report_1.txt")
-    return [line.split("\t") for line in b"".join(chunks).decode().splitlines()]
+    batches = processing.statistics_batches(tmp_path / "checked", "report_1.txt")
+    return [line.split("\t") for line in b"".join(map(copy_lines, batches)).decode().splitlines()]
 
 
 @pytest.mark.parametrize("eol", ["\n", "\r\n"])
@@ -105,3 +106,96 @@ def test_ordered_map_keeps_order_bounds_work_in_flight_and_passes_errors_on():
     with pytest.raises(ValueError, match="batch 5"):
         next(results)
     assert most == 3
+
+
+# ---------------------------------------------------------------- reading, line by line
+
+def _pieces(tmp_path, data: bytes, batch_bytes: int, max_line_bytes: int = 1 << 20):
+    path = tmp_path / "lines.txt"
+    path.write_bytes(data)
+    return list(processing.iter_raw_lines(path, 0, 2, batch_bytes, max_line_bytes))
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 2, 3, 5, 64])
+def test_pieces_are_whole_lines_whatever_the_batch_size(tmp_path, batch_bytes):
+    data = b"aa\r\nbb\rcc\ndd\r\r\nee"  # a CRLF may straddle two reads
+    pieces = _pieces(tmp_path, data, batch_bytes)
+    assert b"".join(p.data for p in pieces) == data
+    numbered = [(n, line) for p in pieces
+                for n, line in _lines_of(p)]
+    assert numbered == [(2, "aa"), (3, "bb"), (4, "cc"), (5, "dd"), (7, "ee")]
+
+
+def _lines_of(piece):
+    from visitas import contract
+
+    frame, _ = contract.lines_frame(piece.data, piece.first_line_no)
+    return frame.select("line_no", "line").rows()
+
+
+def test_an_overlong_line_is_skipped_without_being_held(tmp_path):
+    data = b"ok\n" + b"x" * 50_000 + b"\r\nnext\n" + b"y" * 40_000
+    pieces = _pieces(tmp_path, data, batch_bytes=1000, max_line_bytes=4000)
+    overlong = [p for p in pieces if p.overlong]
+    assert [(p.first_line_no, len(p.data)) for p in overlong] == [(3, 1024), (5, 1024)]
+    assert all(len(p.data) <= 4000 + 1000 for p in pieces)  # never more than a line + a read
+    plain = [line for p in pieces if not p.overlong for line in _lines_of(p)]
+    assert plain == [(2, "ok"), (4, "next")]
+
+
+def test_cr_only_bom_and_windows_1252_file(tmp_path):
+    header = HEADER.replace("Fecha envio", "Fecha envío")
+    text = "\r".join([header, row(navegadores="Explorador móvil"), row(opens="x")]) + "\r"
+    verdict, summary = _run(tmp_path, b"\xef\xbb\xbf" + text.encode("cp1252"))
+    assert (verdict.status, verdict.rows_read, verdict.rows_loaded) == ("valid", 2, 1)
+    assert verdict.encoding == "mixed"  # a BOM says UTF-8, the lines are not
+    assert summary["warnings"]["mixed_encoding"] == 1
+    assert _statistics_rows(tmp_path)[0][13] == '{"Explorador móvil"}'
+
+
+def test_a_file_wholly_in_windows_1252_is_no_warning(tmp_path):
+    text = "\r\n".join([HEADER, row(navegadores="Explorador móvil")]) + "\r\n"
+    verdict, summary = _run(tmp_path, text.encode("cp1252"))
+    assert verdict.encoding == "cp1252" and summary["warnings"]["mixed_encoding"] == 0
+
+
+@pytest.mark.parametrize("tail, lines_done", [
+    ("\n", 3),                                    # ends with a line end: every line is final
+    ("", 3),                                      # the last line lacks its end but loaded
+])
+def test_lines_done_of_a_whole_last_line(tmp_path, tail, lines_done):
+    verdict, _ = _run(tmp_path, ("\n".join([HEADER, GOOD_ROW, GOOD_ROW]) + tail).encode())
+    assert verdict.lines_done == lines_done
+
+
+def test_lines_done_leaves_out_a_cut_last_line_that_was_rejected(tmp_path):
+    verdict, _ = _run(tmp_path, ("\n".join([HEADER, GOOD_ROW, GOOD_ROW[:30]])).encode())
+    assert (verdict.rows_read, verdict.rows_rejected, verdict.lines_done) == (2, 1, 2)
+
+
+def test_a_split_of_the_lines_after_a_point_without_refused_rows(tmp_path):
+    lines = [HEADER, row(email="a@x.mx"), row(email="b@x.mx", opens="x"), row(email="c@x.mx"),
+             row(email="d@x.mx"), row(email="e@x.mx")]
+    _run(tmp_path, ("\n".join(lines) + "\n").encode())
+    refused = {5: ("opens", "the database refused the row: out of range", "d@x.mx\t...")}
+    summary = processing.split_report(tmp_path / "checked", "report_1.txt", tmp_path / "part",
+                                      after_line=2, refused=refused)
+    assert (summary["rows_read"], summary["rows_loaded"], summary["rows_rejected"]) == (4, 2, 2)
+    visitors = pl.read_parquet(tmp_path / "part" / "visitors.parquet")["email"].to_list()
+    assert visitors == ["c@x.mx", "e@x.mx"]
+    errors = _copy_rows(tmp_path / "part" / "errors.copy")
+    assert [(e[1], e[2], e[3], e[5]) for e in errors] == [
+        ("3", "Opens", "invalid_count", lines[2]), ("5", "opens", "db_refused", "d@x.mx\\t...")]
+    batches = processing.statistics_batches(tmp_path / "checked", "report_1.txt", after_line=3)
+    assert pl.concat(batches)["line_no"].to_list() == [4, 5, 6]
+
+
+def test_prefix_hashes_in_one_pass(tmp_path):
+    import hashlib
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 40)
+    sizes = [0, 1, 4095, 4096, 10_240, 99_999]
+    found = processing.prefix_sha256(path, sizes)
+    data = path.read_bytes()
+    assert found == {n: hashlib.sha256(data[:n]).hexdigest() for n in sizes if n <= len(data)}

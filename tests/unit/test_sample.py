@@ -27,8 +27,7 @@ def test_every_planted_defect_is_reported_with_its_line(tmp_path):
         planted = {n for lines in info["defects"].values() for n in lines}
         assert error_lines == planted
         assert all(info["defects"][kind] for kind in sample.DEFECT_KINDS)
-        stats = b"".join(processing.statistics_copy_chunks(checked, name)).decode()
-        stats_lines = [int(line.split("\t")[16]) for line in stats.splitlines()]
+        stats_lines = pl.concat(processing.statistics_batches(checked, name))["line_no"].to_list()
         assert stats_lines == truth.filter(pl.col("source_file") == name)["line_no"].to_list()
 
 
