@@ -209,7 +209,7 @@ PREFIX_CANDIDATES = (
     " AND (head_sha256 = %(head)s OR size_bytes < %(head_bytes)s) ORDER BY size_bytes DESC")
 
 # Database refusals of one row (a value out of range, a constraint): that row is rejected.
-ROW_REFUSALS = (psycopg.errors.DataError, psycopg.errors.IntegrityConstraintViolation)
+ROW_REFUSALS = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE classes 22 and 23
 _COPY_LINE = re.compile(r"\bline (\d+)(?:, column (\w+))?")
 
 # libpq keepalives: a server that vanishes without closing the connection (a host down, a

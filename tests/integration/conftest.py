@@ -102,3 +102,11 @@ def luigid(tmp_path):
     yield port
     process.terminate()
     process.wait(10)
+
+
+@pytest.fixture
+def smtp():
+    """A real SMTP server (aiosmtpd) that keeps what it receives."""
+    server = devservers.SmtpServer().start()
+    yield server
+    server.stop()

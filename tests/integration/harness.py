@@ -297,3 +297,31 @@ def start_sftp(kind: str, tmp: Path, keys: devservers.SshKeys, password: str = "
            "key_file": keys.client_key,
            "known_hosts": keys.write_known_hosts(tmp / "known_hosts", server.port)}
     return server, cfg, remote_dir, str(remote_dir)
+
+
+# ---------------------------------------------------------------------- waiting and mail
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def wait_until_blocked_on_a_lock(env: Env, timeout: float = 60.0, count: int = 1) -> None:
+    """Until ``count`` of the run's database sessions wait on a lock (the test holds it)."""
+    def blocked():
+        return env.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'visitas'"
+                         " AND wait_event_type = 'Lock'")[0][0] >= count
+    assert wait_for(blocked, timeout), "the run never reached the lock"
+
+
+def notify_cfg(smtp, **extra) -> str:
+    """A [notify] section that mails the run report to the test's SMTP server."""
+    lines = ["[notify]", "smtp_host = 127.0.0.1", f"smtp_port = {smtp.port}",
+             "sender = visitas@example.com", "recipients = ops@example.com, data@example.com"]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"

@@ -16,8 +16,7 @@ from polars.testing import assert_frame_equal
 
 from visitas import db
 
-from .harness import assert_exactly_once, expected_visitors
-from .test_operations import _wait_for, _wait_until_blocked_on_a_lock
+from .harness import assert_exactly_once, expected_visitors, wait_for, wait_until_blocked_on_a_lock
 
 FAST_RETRY = "[retry]\nattempts = 2\nfirst_delay = 0.2\nmax_delay = 0.2\n"
 
@@ -27,7 +26,7 @@ def test_sigkill_after_copy_before_commit(env):
     with psycopg.connect(env.dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
         run = env.popen()
-        _wait_until_blocked_on_a_lock(env)  # COPY done, merge and commit not yet
+        wait_until_blocked_on_a_lock(env)  # COPY done, merge and commit not yet
         run.process.kill()
         run.process.wait()
         holder.execute("SELECT pg_advisory_unlock(%s, 0)", (db.LOCK_VISITORS,))
@@ -45,7 +44,7 @@ def test_sigkill_after_commit_before_archive(env):
     with open(lock_file, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # ArchiveZip will wait here, after the commit
         run = env.popen()
-        assert _wait_for(lambda: env.load_count() == 1, 60)
+        assert wait_for(lambda: env.load_count() == 1, 60)
         time.sleep(0.5)
         run.process.kill()
         run.process.wait()

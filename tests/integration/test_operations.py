@@ -15,32 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
-import pytest
 
-from visitas import db, devservers
+from visitas import db
 
-
-@pytest.fixture
-def smtp():
-    server = devservers.SmtpServer().start()
-    yield server
-    server.stop()
-
-
-def _notify_cfg(smtp, **extra) -> str:
-    lines = ["[notify]", "smtp_host = 127.0.0.1", f"smtp_port = {smtp.port}",
-             "sender = visitas@example.com", "recipients = ops@example.com, data@example.com"]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+from .harness import notify_cfg, wait_for, wait_until_blocked_on_a_lock
 
 
 def _attachment(message) -> tuple[str, list[dict]]:
@@ -53,11 +31,11 @@ def _attachment(message) -> tuple[str, list[dict]]:
 
 
 def test_run_with_rejections_mails_one_report(make_env, smtp):
-    env = make_env(extra_cfg=_notify_cfg(smtp, max_attachment_rows=5))
+    env = make_env(extra_cfg=notify_cfg(smtp, max_attachment_rows=5))
     manifest = env.generate(files=2, rows=200, defects=0.05)
     result = env.luigi()
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _wait_for(lambda: smtp.messages)
+    assert wait_for(lambda: smtp.messages)
     [message] = smtp.messages
     rejected = sum(info["rejected_rows"] for info in manifest["files"].values())
     assert message["Subject"] == (f"[visitas] run {time.strftime('%Y-%m-%d')}: 2 loaded, 0 rejected,"
@@ -74,16 +52,16 @@ def test_run_with_rejections_mails_one_report(make_env, smtp):
 
 
 def test_clean_run_sends_nothing_unless_send_always(make_env, smtp):
-    env = make_env(extra_cfg=_notify_cfg(smtp))
+    env = make_env(extra_cfg=notify_cfg(smtp))
     env.generate(files=1, rows=50, defects=0.0)
     assert env.luigi().returncode == 0
     time.sleep(0.5)
     assert smtp.messages == []
 
-    env.write_config(_notify_cfg(smtp, send_always="true"))
+    env.write_config(notify_cfg(smtp, send_always="true"))
     env.generate(files=1, rows=50, defects=0.0, first_number=2, seed=9)
     assert env.luigi().returncode == 0
-    assert _wait_for(lambda: smtp.messages)
+    assert wait_for(lambda: smtp.messages)
     assert "1 loaded, 0 rejected, 0 duplicate, 0 failed, 0 rows rejected" in smtp.messages[0]["Subject"]
 
 
@@ -100,12 +78,12 @@ def test_no_recipients_no_mail_no_error(make_env, smtp):
 def test_failed_task_mails_the_run_report_and_luigis_own_error_mail(make_env, smtp):
     luigi_mail = (f"[email]\nmethod = smtp\nreceiver = oncall@example.com\nsender = luigi@example.com\n"
                   f"force_send = true\n[smtp]\nhost = 127.0.0.1\nport = {smtp.port}\n")
-    env = make_env(extra_cfg=_notify_cfg(smtp) + luigi_mail)
+    env = make_env(extra_cfg=notify_cfg(smtp) + luigi_mail)
     env.generate(files=2, rows=60)
     env.fail_loads_of("report_2.txt", "disk on fire")
     result = env.luigi()
     assert result.returncode == 30
-    assert _wait_for(lambda: len(smtp.messages) >= 2)
+    assert wait_for(lambda: len(smtp.messages) >= 2)
     subjects = [m["Subject"] for m in smtp.messages]
     [report] = [m for m in smtp.messages if m["Subject"].startswith("[visitas]")]
     assert "1 loaded" in report["Subject"] and "1 failed" in report["Subject"]
@@ -170,20 +148,13 @@ def test_luigid_shows_every_task_done_and_no_secret(make_env, luigid):
     assert "x" * 12 not in shown
 
 
-def _wait_until_blocked_on_a_lock(env, timeout=60.0) -> None:
-    def blocked():
-        return env.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'visitas'"
-                         " AND wait_event_type = 'Lock'")[0][0] > 0
-    assert _wait_for(blocked, timeout), "the run never reached the visitor merge"
-
-
 def test_overlapping_run_on_one_host_is_refused_by_the_process_lock(env):
     env.generate(files=2, rows=100)
     with psycopg.connect(env.dsn, autocommit=True) as holder:
         # Hold the visitor-merge lock so the first run is certainly still going.
         holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
         first = env.popen()
-        _wait_until_blocked_on_a_lock(env)
+        wait_until_blocked_on_a_lock(env)
         second = env.luigi()
         holder.execute("SELECT pg_advisory_unlock(%s, 0)", (db.LOCK_VISITORS,))
     out, _ = first.communicate(timeout=300)

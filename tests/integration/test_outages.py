@@ -9,8 +9,7 @@ import psycopg
 
 from visitas import db, devservers
 
-from .harness import assert_exactly_once
-from .test_operations import _notify_cfg, _wait_for, _wait_until_blocked_on_a_lock
+from .harness import assert_exactly_once, notify_cfg, wait_for, wait_until_blocked_on_a_lock
 
 RETRY = "[retry]\nattempts = 8\nfirst_delay = 0.5\nmax_delay = 2\n"  # about 11 s of patience
 SHORT_RETRY = "[retry]\nattempts = 2\nfirst_delay = 0.5\nmax_delay = 0.5\n"
@@ -28,7 +27,7 @@ def test_short_database_outage_is_ridden_out(make_env, own_pg):
     manifest = env.generate(files=3, rows=200)
     holder = _pause_at_visitor_merge(env)
     run = env.popen()
-    _wait_until_blocked_on_a_lock(env)
+    wait_until_blocked_on_a_lock(env)
     own_pg.stop("fast")  # every session dies, the load's transaction is rolled back
     holder.close()
     time.sleep(2)
@@ -42,17 +41,17 @@ def test_short_database_outage_is_ridden_out(make_env, own_pg):
 def test_long_database_outage_fails_loudly_then_the_next_run_completes(make_env, own_pg):
     smtp = devservers.SmtpServer().start()
     try:
-        env = make_env(extra_cfg=SHORT_RETRY + _notify_cfg(smtp), dsn=own_pg.dsn())
+        env = make_env(extra_cfg=SHORT_RETRY + notify_cfg(smtp), dsn=own_pg.dsn())
         manifest = env.generate(files=2, rows=200)
         holder = _pause_at_visitor_merge(env)
         run = env.popen()
-        _wait_until_blocked_on_a_lock(env)
+        wait_until_blocked_on_a_lock(env)
         own_pg.stop("fast")
         holder.close()
         out, _ = run.communicate(timeout=300)
         assert run.returncode != 0, out[-3000:]
         assert env.remote_reports() == sorted(manifest["files"])  # nothing deleted
-        assert _wait_for(lambda: smtp.messages)
+        assert wait_for(lambda: smtp.messages)
         body = smtp.messages[0].get_body(("plain",)).get_content()
         assert "failed" in smtp.messages[0]["Subject"] and "LoadPostgres" in body
         assert own_pg.password not in body and own_pg.password not in out
@@ -65,12 +64,71 @@ def test_long_database_outage_fails_loudly_then_the_next_run_completes(make_env,
         smtp.stop()
 
 
+def _hold_the_statistics_copy(env, line_no: int = 20) -> None:
+    """A trigger makes the first statistics COPY sleep at one row, once: a real COPY, visibly
+    active in pg_stat_activity, at a known point."""
+    db.Database(env.dsn, env.schema).connection().close()  # the schema must exist first
+    env.execute(f"""
+        CREATE SEQUENCE copy_holds;
+        CREATE FUNCTION hold_copy() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.line_no = {line_no} AND nextval('{env.schema}.copy_holds') = 1 THEN
+                PERFORM pg_sleep(120);
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER hold_copy BEFORE INSERT ON statistics FOR EACH ROW EXECUTE FUNCTION hold_copy();""")
+
+
+def _wait_until_copying(env) -> None:
+    def copying():
+        return env.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'visitas'"
+                         " AND state = 'active' AND query LIKE 'COPY%%statistics%%'")[0][0] > 0
+    assert wait_for(copying, 60), "the statistics COPY never started"
+
+
+# Three statistics batches: while the first one's COPY is held, the formatter thread has the
+# other two queued and waits to hand over the end (where a restart used to hang the run).
+SMALL_BATCHES = "[load]\nbatch_mb = 1\n"
+
+
+def test_database_restart_during_a_copy_is_ridden_out(make_env, own_pg):
+    env = make_env(extra_cfg=RETRY + SMALL_BATCHES, dsn=own_pg.dsn())
+    manifest = env.generate(files=1, rows=20_000, defects=0.0)
+    _hold_the_statistics_copy(env)
+    run = env.popen()
+    _wait_until_copying(env)
+    own_pg.stop("fast")  # the COPY's session is terminated, its transaction rolled back
+    time.sleep(5)
+    own_pg.start()
+    out, _ = run.communicate(timeout=300)  # used to hang here, holding Luigi's pid lock
+    assert run.returncode == 0, out[-3000:]
+    assert "retrying in" in out
+    assert_exactly_once(env, manifest)
+
+
+def test_database_down_during_a_copy_for_longer_than_the_retries_fails_then_resumes(make_env, own_pg):
+    env = make_env(extra_cfg=SHORT_RETRY + SMALL_BATCHES, dsn=own_pg.dsn())
+    manifest = env.generate(files=1, rows=20_000, defects=0.0)
+    _hold_the_statistics_copy(env)
+    run = env.popen()
+    _wait_until_copying(env)
+    own_pg.stop("fast")
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 30, out[-3000:]  # [retcode] task_failed, no hang
+    assert env.remote_reports() == ["report_1.txt"]  # nothing deleted
+    own_pg.start()
+    rerun = env.luigi()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_exactly_once(env, manifest)
+
+
 def test_short_sftp_outage_is_ridden_out(make_env):
     env = make_env(extra_cfg=RETRY)
     manifest = env.generate(files=2, rows=200)
     holder = _pause_at_visitor_merge(env)
     run = env.popen()
-    _wait_until_blocked_on_a_lock(env)
+    wait_until_blocked_on_a_lock(env)
     env.sftp_server.stop()  # the archive step will need the server to delete the file
     holder.close()
     time.sleep(2)
@@ -86,7 +144,7 @@ def test_long_sftp_outage_fails_then_the_next_run_completes(make_env):
     manifest = env.generate(files=2, rows=200)
     holder = _pause_at_visitor_merge(env)
     run = env.popen()
-    _wait_until_blocked_on_a_lock(env)
+    wait_until_blocked_on_a_lock(env)
     env.sftp_server.stop()
     holder.close()
     out, _ = run.communicate(timeout=300)

@@ -11,7 +11,7 @@ import psycopg
 
 from visitas import db, devservers
 
-from .test_operations import _notify_cfg, _wait_for, _wait_until_blocked_on_a_lock
+from .harness import notify_cfg, wait_for, wait_until_blocked_on_a_lock
 
 
 def test_unknown_host_key_is_refused(env, tmp_path):
@@ -38,7 +38,7 @@ def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, own_pg, l
     smtp = devservers.SmtpServer().start()
     try:
         env = make_env(password=sftp_password, dsn=own_pg.dsn(),
-                       extra_cfg="[sftp]\nkey_file =\n" + _notify_cfg(smtp, send_always="true"))
+                       extra_cfg="[sftp]\nkey_file =\n" + notify_cfg(smtp, send_always="true"))
         env.generate(files=2, rows=100, defects=0.05)
         env.fail_loads_of("report_2.txt")
         run = env.luigi(scheduler_port=luigid)
@@ -48,7 +48,7 @@ def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, own_pg, l
         own_pg.stop("immediate")
         down = env.luigi()
         own_pg.start()
-        assert _wait_for(lambda: len(smtp.messages) >= 2)
+        assert wait_for(lambda: len(smtp.messages) >= 2)
         with urllib.request.urlopen(f"http://127.0.0.1:{luigid}/api/task_list?data="
                                     + urllib.parse.quote(json.dumps({}))) as response:
             luigid_view = response.read().decode()
@@ -70,7 +70,7 @@ def test_downloads_and_backups_are_private(env):
     with psycopg.connect(env.dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
         run = env.popen()
-        _wait_until_blocked_on_a_lock(env)  # downloaded, loading
+        wait_until_blocked_on_a_lock(env)  # downloaded, loading
         [download] = env.local_files()
         modes = (stat.S_IMODE(download.stat().st_mode), stat.S_IMODE(download.parent.stat().st_mode))
         holder.execute("SELECT pg_advisory_unlock(%s, 0)", (db.LOCK_VISITORS,))

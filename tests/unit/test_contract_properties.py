@@ -1,7 +1,6 @@
 """Property-based: arbitrary lines never crash validation, and every line ends up in exactly one
 of statistics or errors."""
 
-import polars as pl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
