@@ -68,6 +68,7 @@ def make_env(tmp_path, pg_dsn, schema, ssh_keys):
         servers.append(server)
         env = Env(tmp_path, dsn or pg_dsn, schema, cfg, remote_dir, remote_path, extra_cfg)
         env.sftp_server = server
+        env.sftp_password = password
         return env
 
     yield _make

@@ -38,6 +38,7 @@ class Env:
         self.log_file = tmp / "logs" / "visitas.log"
         self.generated = tmp / "generated"
         self.sftp_cfg = sftp_host_cfg
+        self.sftp_password = ""  # set by make_env when the server asks for one
         self.config = tmp / "luigi.cfg"
         self.write_config(extra_cfg)
 
@@ -80,12 +81,17 @@ path = {self.log_file}
 
     # ------------------------------------------------------------------ running
 
+    def environment(self, extra: dict | None = None) -> dict:
+        """The process environment of a run: the config file, and the secrets it refers to."""
+        return {**os.environ, "LUIGI_CONFIG_PATH": str(self.config),
+                "VISITAS_TEST_PIPELINE_DSN": self.dsn,
+                "VISITAS_TEST_SFTP_PASSWORD": self.sftp_password, **(extra or {})}
+
     def luigi(self, *args: str, timeout: float = 300, env: dict | None = None,
               task: str = "RunAll", scheduler_port: int | None = None) -> subprocess.CompletedProcess:
         """The real command, as cron runs it (a fresh interpreter, our config); with
         ``scheduler_port``, against that luigid instead of a local scheduler."""
-        environment = {**os.environ, "LUIGI_CONFIG_PATH": str(self.config),
-                       "VISITAS_TEST_PIPELINE_DSN": self.dsn, **(env or {})}
+        environment = self.environment(env)
         environment.pop("VISITAS_RUN_ID", None)
         scheduler = (["--scheduler-host", "127.0.0.1", "--scheduler-port", str(scheduler_port)]
                      if scheduler_port else ["--local-scheduler"])
@@ -94,8 +100,7 @@ path = {self.log_file}
 
     def popen(self, *args: str, env: dict | None = None) -> "Running":
         """Start the command in the background; its output goes to a file (never a full pipe)."""
-        environment = {**os.environ, "LUIGI_CONFIG_PATH": str(self.config),
-                       "VISITAS_TEST_PIPELINE_DSN": self.dsn, **(env or {})}
+        environment = self.environment(env)
         environment.pop("VISITAS_RUN_ID", None)
         self._runs = getattr(self, "_runs", 0) + 1
         output = self.tmp / f"run-{self._runs}.out"
@@ -286,7 +291,9 @@ def start_sftp(kind: str, tmp: Path, keys: devservers.SshKeys, password: str = "
         server = devservers.SftpServer(root, keys, username="vinkos", password=password).start()
         remote_dir = root / REMOTE_DIR
         cfg = {"host": "127.0.0.1", "port": server.port, "username": "vinkos",
-               "key_file": keys.client_key, **({"password": password} if password else {}),
+               "key_file": keys.client_key,
+               # As in production: a ${VAR} reference (Luigi's parser reads % as interpolation).
+               **({"password": "${VISITAS_TEST_SFTP_PASSWORD}"} if password else {}),
                "known_hosts": keys.write_known_hosts(tmp / "known_hosts", server.port)}
         return server, cfg, remote_dir, "/" + REMOTE_DIR
     server = devservers.OpenSshServer(tmp, keys).start()

@@ -97,8 +97,7 @@ def test_monthly_report_command(env):
     assert env.luigi("--date", "2026-10-31").returncode == 0
     env.generate(files=1, rows=40, first_number=3, seed=3)
     assert env.luigi("--date", "2026-11-02").returncode == 0
-    environ = {**os.environ, "LUIGI_CONFIG_PATH": str(env.config),
-               "VISITAS_TEST_PIPELINE_DSN": env.dsn}
+    environ = env.environment()
     visitas = str(Path(sys.executable).with_name("visitas"))
 
     def report(*args):

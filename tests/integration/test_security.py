@@ -8,6 +8,7 @@ import urllib.parse
 import urllib.request
 
 import psycopg
+from psycopg import sql
 
 from visitas import db, devservers
 
@@ -33,36 +34,80 @@ def test_changed_host_key_is_refused(env, ssh_keys, tmp_path):
     assert env.remote_reports() == ["report_1.txt"]
 
 
-def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, own_pg, luigid):
-    sftp_password = "sftp-" + "Q7" * 10
-    smtp = devservers.SmtpServer().start()
-    try:
-        env = make_env(password=sftp_password, dsn=own_pg.dsn(),
-                       extra_cfg="[sftp]\nkey_file =\n" + notify_cfg(smtp, send_always="true"))
-        env.generate(files=2, rows=100, defects=0.05)
-        env.fail_loads_of("report_2.txt")
-        run = env.luigi(scheduler_port=luigid)
-        assert run.returncode == 30  # a failure happened, with its traceback printed
-        assert "Traceback" in run.stderr
-        # A database outage too: its errors go through the same logs.
-        own_pg.stop("immediate")
-        down = env.luigi()
-        own_pg.start()
-        assert wait_for(lambda: len(smtp.messages) >= 2)
-        with urllib.request.urlopen(f"http://127.0.0.1:{luigid}/api/task_list?data="
-                                    + urllib.parse.quote(json.dumps({}))) as response:
-            luigid_view = response.read().decode()
-        state_files = " ".join(p.read_text(errors="replace") for p in env.state_dir.rglob("*")
-                               if p.is_file() and p.suffix in (".json", ".jsonl"))
-        everything = "\n".join([
-            run.stdout, run.stderr, down.stdout, down.stderr, env.log_file.read_text(),
-            luigid_view, state_files, *[m.as_string() for m in smtp.messages],
-        ])
-        assert "refused" in down.stderr.lower() or "connection" in down.stderr.lower()
-        assert sftp_password not in everything
-        assert own_pg.password not in everything
-    finally:
-        smtp.stop()
+def _luigid_view(port: int) -> str:
+    """What luigid shows: every task, and the error text of each failed one."""
+    def get(path: str, data: dict) -> str:
+        url = f"http://127.0.0.1:{port}/api/{path}?data=" + urllib.parse.quote(json.dumps(data))
+        with urllib.request.urlopen(url) as response:
+            return response.read().decode()
+
+    tasks = get("task_list", {})
+    failed = json.loads(get("task_list", {"status": "FAILED"}))["response"]
+    return "\n".join([tasks, *(get("fetch_error", {"task_id": task_id}) for task_id in failed)])
+
+
+def _mail_text(message) -> str:
+    """A mail as its reader sees it: headers and every part decoded (bodies may be base64)."""
+    parts = [str(message["Subject"])]
+    for part in message.walk():
+        payload = part.get_payload(decode=True)
+        if payload:
+            parts.append(payload.decode("utf-8", errors="replace"))
+    return "\n".join(parts)
+
+
+def _windows(secret: str, width: int) -> set[str]:
+    """Every piece of ``width`` characters of a secret: a partial echo counts as a leak (libpq
+    quotes as little as four characters of a DSN it cannot parse)."""
+    return {secret[i:i + width] for i in range(len(secret) - width + 1)}
+
+
+def test_secrets_never_appear_in_logs_errors_mails_or_luigid(make_env, own_pg, luigid, smtp):
+    """Passwords with %, @ and : (which DSN parsers quote back in their errors), through a failed
+    load, a database outage and a malformed DSN: not a piece of them in any output."""
+    db_password = "Pw%4@d:Q7zK3m%2F@9"
+    sftp_password = "sf%:@tp" + "Q7" * 6
+    with psycopg.connect(own_pg.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE etl LOGIN SUPERUSER PASSWORD {}").format(
+            sql.Literal(db_password)))
+    host = f"127.0.0.1:{own_pg.port}/postgres"
+    dsn = f"postgresql://etl:{urllib.parse.quote(db_password, safe='')}@{host}"
+    luigi_mail = (f"[email]\nmethod = smtp\nreceiver = oncall@example.com\n"
+                  f"sender = luigi@example.com\nforce_send = true\n"
+                  f"[smtp]\nhost = 127.0.0.1\nport = {smtp.port}\n")
+    env = make_env(password=sftp_password, dsn=dsn,
+                   extra_cfg="[sftp]\nkey_file =\n" + notify_cfg(smtp, send_always="true") + luigi_mail)
+    env.generate(files=2, rows=100, defects=0.05)
+    env.fail_loads_of("report_2.txt")
+    failing = env.luigi(scheduler_port=luigid)
+    assert failing.returncode == 30, failing.stderr[-3000:]  # a failure, its traceback printed
+    assert "Traceback" in failing.stderr
+    own_pg.stop("immediate")  # a database outage: its errors go through the same paths
+    down = env.luigi()
+    own_pg.start()
+    assert "refused" in down.stderr.lower() or "connection" in down.stderr.lower()
+    # The password written unencoded: libpq quotes the token it cannot parse.
+    malformed = env.luigi(env={"VISITAS_TEST_PIPELINE_DSN": f"postgresql://etl:{db_password}@{host}"})
+    assert malformed.returncode != 0
+    # Each run mails its report, and Luigi mails each task that failed or failed scheduling.
+    assert wait_for(lambda: sum("failed scheduling" in m["Subject"] for m in smtp.messages) >= 2
+                    and sum(m["Subject"].startswith("[visitas]") for m in smtp.messages) >= 3, 20)
+
+    state_files = " ".join(p.read_text(errors="replace") for p in env.state_dir.rglob("*")
+                           if p.is_file() and p.suffix in (".json", ".jsonl"))
+    with psycopg.connect(own_pg.dsn()) as conn:
+        recorded = [m for (m,) in conn.execute(f"SELECT coalesce(message, '') FROM {env.schema}.load_log")]
+    everything = "\n".join([
+        *(r.stdout + r.stderr for r in (failing, down, malformed)), env.log_file.read_text(),
+        _luigid_view(luigid), state_files, *map(_mail_text, smtp.messages), *recorded,
+    ])
+    assert "injected failure" in everything and "Traceback" in everything  # the places were read
+    # Pieces of 4 for the made-up passwords; of 8 for the random one (chance matches otherwise).
+    for secret, width in ((db_password, 4), (urllib.parse.quote(db_password, safe=""), 4),
+                          (sftp_password, 4), (own_pg.password, 8)):
+        leaked = [piece for piece in _windows(secret, width) if piece in everything]
+        assert not leaked, f"pieces of a secret leaked: {leaked}"
+    assert "DSN ([postgres] dsn or VISITAS_DSN) cannot be parsed" in malformed.stderr
 
 
 def test_downloads_and_backups_are_private(env):
