@@ -291,7 +291,16 @@ class RunAll(luigi.WrapperTask):
             log.info("%d report(s) on the server: %s", len(listed),
                      ", ".join(r.name for r in listed) or "none")
             self._reports = [r for r in listed if self._old_enough(r)]
-        return [ArchiveZip(date=self.date, file_name=r.name) for r in self._reports]
+        return [self._chain(r, rank) for rank, r in enumerate(
+            sorted(self._reports, key=lambda r: r.size, reverse=True))]
+
+    def _chain(self, report: sftp.RemoteFile, rank: int) -> "ArchiveZip":
+        """A file's chain, smaller files first: a stalled partial upload on the server beside its
+        completed version loads before it, so the completion is taken as its extension.  (Luigi's
+        scheduler passes a task's priority on to the steps it requires.)"""
+        task = ArchiveZip(date=self.date, file_name=report.name)
+        task.priority = rank
+        return task
 
     @staticmethod
     def _old_enough(report: sftp.RemoteFile) -> bool:

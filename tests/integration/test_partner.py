@@ -36,7 +36,8 @@ def _cut_mid_line(data: bytes, fraction: float = 0.5) -> bytes:
     return data[:cut]
 
 
-@pytest.mark.parametrize("completed_as", ["same name, next day", "another name, same day"])
+@pytest.mark.parametrize("completed_as", ["same name, next day", "another name, same day",
+                                          "another name, both on the server at once"])
 def test_a_stalled_half_upload_then_completed_counts_every_visit_once(make_env, completed_as):
     env = make_env(extra_cfg=MIN_AGE)
     manifest = env.generate(files=1, rows=3000, defects=0.02)
@@ -44,6 +45,16 @@ def test_a_stalled_half_upload_then_completed_counts_every_visit_once(make_env, 
     remote = env.remote_dir / "report_1.txt"
     remote.write_bytes(_cut_mid_line(full))  # the upload stalled half-way, long ago
     _age(remote, 3600)
+    if completed_as.endswith("at once"):  # re-sent complete under a name listed after it
+        (env.remote_dir / "report_7.txt").write_bytes(full)
+        _age(env.remote_dir / "report_7.txt", 3600)
+        both = env.luigi("--date", "2026-11-01")
+        assert both.returncode == 0, both.stderr[-3000:]
+        assert env.query("SELECT file_name, extends IS NOT NULL FROM load_log ORDER BY id") == [
+            ("report_1.txt", False), ("report_7.txt", True)]
+        assert_frame_equal(env.visitors(), expected_visitors(env.truth(manifest)))
+        assert env.remote_reports() == []
+        return
 
     first = env.luigi("--date", "2026-11-01")
     assert first.returncode == 0, first.stderr[-3000:]
