@@ -4,7 +4,6 @@ database refuses.  Whatever happens, every visit is counted once."""
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import os
 import time
@@ -182,20 +181,3 @@ def test_a_value_the_database_refuses_rejects_its_row_and_the_rest_loads(env):
     assert env.query("SELECT count(*) FROM statistics") == [(kept.height,)]
     assert_frame_equal(env.visitors(), expected_visitors(kept))
     assert env.remote_reports() == []
-
-
-def test_visitor_as_of_any_day_matches_the_rule(env):
-    """visitor_as_of(day) (and visitor_today, which is it at current_date) against the plain
-    Python oracle, on days around the latest visits: month and year ends, leap days."""
-    manifest = env.generate(files=3, rows=400, visitors=30, seed=5)
-    assert env.luigi().returncode == 0
-    truth = env.truth(manifest)
-    latest = truth["sent_at"].max().date()
-    days = [latest, latest.replace(day=28), dt.date(latest.year, 12, 31),
-            dt.date(latest.year + 1, 1, 1), dt.date(2028, 2, 29), dt.date(2031, 7, 15)]
-    for day in [d for d in days if d >= latest]:
-        assert_frame_equal(env.visitors("visitor_as_of(%s)", (day,)),
-                           expected_visitors(truth, as_of=day), check_row_order=True)
-    today = dt.date.today()
-    if today >= latest:
-        assert_frame_equal(env.visitors("visitor_today"), expected_visitors(truth, as_of=today))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -146,13 +145,18 @@ def test_rejected_file_is_recorded_archived_and_removed(env):
     del manifest
 
 
-def test_visitor_sql_matches_the_polars_rule_on_many_months(env):
-    manifest = env.generate(files=4, rows=500, visitors=40, seed=3)
+def test_visitor_as_of_any_day_matches_the_rule(env):
+    """visitor_as_of(day) (and visitor_today, which is it at current_date) against the plain
+    Python oracle, on days around the latest visits: month and year ends, leap days."""
+    manifest = env.generate(files=3, rows=400, visitors=30, seed=5)
     assert env.luigi().returncode == 0
-    assert_frame_equal(env.visitors(), expected_visitors(env.truth(manifest)))
-    today = env.query("SELECT email, visitas_totales FROM visitor_today ORDER BY email")
-    assert today == [(r[0], r[3]) for r in env.visitors().rows()]
     truth = env.truth(manifest)
-    this_month = truth.filter(
-        pl.col("sent_at").dt.truncate("1mo") == pl.lit(dt.datetime.now()).dt.truncate("1mo")).height
-    assert env.query("SELECT coalesce(sum(visitas_mes_actual), 0) FROM visitor_today") == [(this_month,)]
+    latest = truth["sent_at"].max().date()
+    days = [latest, latest.replace(day=28), dt.date(latest.year, 12, 31),
+            dt.date(latest.year + 1, 1, 1), dt.date(2028, 2, 29), dt.date(2031, 7, 15)]
+    for day in [d for d in days if d >= latest]:
+        assert_frame_equal(env.visitors("visitor_as_of(%s)", (day,)),
+                           expected_visitors(truth, as_of=day), check_row_order=True)
+    today = dt.date.today()
+    if today >= latest:
+        assert_frame_equal(env.visitors("visitor_today"), expected_visitors(truth, as_of=today))
