@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m visitas.demo --dir $(DEMO_DIR)
+	$(PY) -m visitas.dev.demo --dir $(DEMO_DIR)
 
 run: $(VENV)/.installed
 	mkdir -p logs
@@ -35,7 +35,7 @@ test-unit: $(VENV)/.installed
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	$(PY) -m visitas.bench --rows $(ROWS) $(BENCH_ARGS)
+	$(PY) -m visitas.dev.bench --rows $(ROWS) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info .bench

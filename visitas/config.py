@@ -12,7 +12,7 @@ import os
 import luigi
 from luigi.parameter import ParameterVisibility
 
-from visitas import contract
+from visitas.transform import contract
 from visitas.archive import ZIP_LEVELS
 
 PRIVATE = ParameterVisibility.PRIVATE

@@ -16,17 +16,11 @@ from pathlib import Path
 
 import paramiko
 
-from visitas import logsetup, retrying
-from visitas.runinfo import per_process
+from visitas.paths import SAFE_NAME, UnsafeName, check_safe  # noqa: F401 - re-exported
+from visitas.runtime import logsetup, retrying
+from visitas.runtime.runinfo import per_process
 
 log = logging.getLogger(__name__)
-
-SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-class UnsafeName(ValueError):
-    """A remote file name that must not become part of a local path."""
-
 
 class StillBeingWritten(Exception):
     """The file is younger than ``min_age`` or changed while it was read: leave it this run."""
@@ -221,12 +215,6 @@ class UnknownHostKey(retrying.PermanentError, paramiko.SSHException):
         super().__init__(
             f"host key of {host}:{port} is not in {known_hosts}: refusing to connect "
             "(verify the key with the partner and add it, see README)")
-
-
-def check_safe(name: str) -> str:
-    if not SAFE_NAME.match(name) or name in (".", ".."):
-        raise UnsafeName(f"refusing remote file name {name!r}: only [A-Za-z0-9._-] are allowed")
-    return name
 
 
 def _natural_key(name: str) -> tuple:

@@ -1,4 +1,4 @@
-"""The Luigi task graph, one class per step.
+"""The Luigi task graph, one thin class per step: read the inputs, call the stage, write the output.
 
     RunAll(date) ─► ArchiveZip ─► LoadPostgres ─► SplitVisitorStats ─► ValidateReport ─► DownloadReport
                                       └─► PrepareRun(date)
@@ -6,14 +6,15 @@
 There is one chain per remote file (``DownloadReport`` is the per-file form of the design's
 DownloadReports), so files are independent: a bad file never blocks a good one, and several
 workers or hosts can share a day's files.  Every output is a target, so a rerun skips what is done.
-Only the run date and the file name are task parameters: no secret ever reaches luigid.
+Only the run date and the file name are task parameters: no secret ever reaches luigid.  A step
+reads what the steps before it made through ``self.input()`` (records of :mod:`visitas.handoff`);
+every derived path comes from :class:`visitas.paths.RunPaths`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import shutil
@@ -23,8 +24,11 @@ from pathlib import Path
 
 import luigi
 
-from visitas import archive, config, db, logsetup, notify, processing, sftp
-from visitas.runinfo import RUN_ID
+from visitas import archive, config, db, handoff, sftp
+from visitas.ops import runmail
+from visitas.paths import RunPaths
+from visitas.runtime import runinfo, setup
+from visitas.transform import split, validate
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +40,11 @@ class VisitasTask(luigi.Task):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        logsetup.configure()
+        setup.configure()
 
-    def day_dir(self, root: str) -> Path:
-        return Path(root) / f"{self.date:%Y%m%d}"
-
-    def state_root(self) -> Path:
-        return self.day_dir(config.paths().resolved_state_dir())
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths.from_config(self.date)
 
 
 class FileTask(VisitasTask):
@@ -50,33 +52,13 @@ class FileTask(VisitasTask):
 
     file_name = luigi.Parameter()
 
-    def file_state(self, *parts: str) -> Path:
-        return self.state_root().joinpath(sftp.check_safe(self.file_name), *parts)
-
-    def download_path(self) -> Path:
-        return self.day_dir(config.paths().download_dir) / sftp.check_safe(self.file_name)
-
-    def verdict(self) -> dict | None:
-        path = self.file_state("checked", processing.VERDICT_FILE)
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def remote_record(self) -> Path:
-        """The file's size and mtime at the source when it was downloaded."""
-        return self.file_state("remote.json")
-
-    def elsewhere_marker(self) -> Path:
-        return self.state_root() / "elsewhere" / sftp.check_safe(self.file_name)
-
-    def deferred_marker(self) -> Path:
-        return self.state_root() / "deferred" / sftp.check_safe(self.file_name)
-
     def skipped(self) -> bool:
         """Another worker or host took this file (it vanished from the source after its load),
         or this run left it at the source because it is still being written."""
-        if self.elsewhere_marker().exists():
+        if self.paths.elsewhere(self.file_name).exists():
             return True
-        deferred = self.deferred_marker()
-        return deferred.exists() and deferred.read_text() == RUN_ID
+        deferred = self.paths.deferred(self.file_name)
+        return deferred.exists() and deferred.read_text() == runinfo.run_id()
 
     def complete(self) -> bool:
         # A file skipped this run completes every step of its chain for this run.
@@ -84,31 +66,31 @@ class FileTask(VisitasTask):
 
 
 class DownloadReport(FileTask):
-    """Fetch one report: temporary name, size checked against the server, then renamed."""
+    """Fetch one report: temporary name, size and mtime checked, fsync'd, then renamed."""
 
     def output(self):
-        return luigi.LocalTarget(str(self.download_path()))
+        return {"file": luigi.LocalTarget(str(self.paths.download(self.file_name))),
+                "remote": luigi.LocalTarget(str(self.paths.remote_record(self.file_name)))}
 
     def run(self):
         self.set_status_message(f"downloading {self.file_name}")
         try:
-            sftp.source().download(self.file_name, self.download_path(),
-                                   min_age=config.sftp().min_age, before_rename=self._record_remote)
+            sftp.source().download(self.file_name, Path(self.output()["file"].path),
+                                   min_age=config.sftp().min_age, before_rename=self._record)
         except sftp.StillBeingWritten as why:
             log.warning("%s left at the source for a later run: %s", self.file_name, why)
-            notify.record_deferred(self.file_name, str(why))
-            _write_atomically(self.deferred_marker(), RUN_ID)
+            runmail.record_deferred(self.file_name, str(why))
+            _write_atomically(self.paths.deferred(self.file_name), runinfo.run_id())
         except FileNotFoundError:
-            if not db.database().removed_at_source(self.file_name, self.date):
+            if not db.load_log().removed_at_source(self.file_name, self.date):
                 raise
             log.info("%s was loaded and removed by another worker or host: skipping it",
                      self.file_name)
-            _write_atomically(self.elsewhere_marker(), "")
+            _write_atomically(self.paths.elsewhere(self.file_name), "")
 
-    def _record_remote(self, remote: sftp.RemoteFile) -> None:
+    def _record(self, remote: sftp.RemoteFile) -> None:
         # Before the download appears under its name: a download on disk always has its record.
-        _write_atomically(self.remote_record(), json.dumps({"size": remote.size,
-                                                            "mtime": remote.mtime}))
+        handoff.write(Path(self.output()["remote"].path), handoff.RemoteRecord(remote.size, remote.mtime))
 
 
 class ValidateReport(FileTask):
@@ -118,17 +100,17 @@ class ValidateReport(FileTask):
         return DownloadReport(date=self.date, file_name=self.file_name)
 
     def output(self):
-        return luigi.LocalTarget(str(self.file_state("checked")))
+        return luigi.LocalTarget(str(self.paths.checked(self.file_name)))
 
     def run(self):
         if self.skipped():  # scheduled before another host took it, or left this run
             return
         settings = config.load()
         with self.output().temporary_path() as tmp:
-            verdict = processing.validate_report(
-                Path(self.input().path), self.file_name, Path(tmp), settings.batch_mb * 1024 * 1024,
-                settings.parallel_batches, progress=self._progress,
-                max_line_bytes=settings.max_line_bytes)
+            verdict = validate.validate_report(
+                Path(self.input()["file"].path), self.file_name, Path(tmp),
+                settings.batch_mb * 1024 * 1024, settings.parallel_batches,
+                progress=self._progress, max_line_bytes=settings.max_line_bytes)
         self.set_status_message(f"{verdict.rows_read} rows read, {verdict.rows_rejected} rejected"
                                 if verdict.status == "valid" else f"rejected: {verdict.message}")
 
@@ -147,15 +129,15 @@ class SplitVisitorStats(FileTask):
         return ValidateReport(date=self.date, file_name=self.file_name)
 
     def output(self):
-        return luigi.LocalTarget(str(self.file_state("split")))
+        return luigi.LocalTarget(str(self.paths.split(self.file_name)))
 
     def run(self):
         if self.skipped():  # scheduled before another host took it, or left this run
             return
         with self.output().temporary_path() as tmp:
-            summary = processing.split_report(Path(self.input().path), self.file_name, Path(tmp))
-        self.set_status_message(f"{summary['rows_loaded']} statistics rows, "
-                                f"{summary['error_count']} errors, {summary['visitors']} visitors")
+            summary = split.split_report(Path(self.input().path), self.file_name, Path(tmp))
+        self.set_status_message(f"{summary.rows_loaded} statistics rows, "
+                                f"{summary.error_count} errors, {summary.visitors} visitors")
 
 
 class PrepareRun(VisitasTask):
@@ -165,56 +147,64 @@ class PrepareRun(VisitasTask):
         return db.RunLogTarget(self.date)
 
     def run(self):
-        db.database().prepare_run(self.date, config.load().truncate_each_run)
+        db.load_log().prepare_run(self.date, config.load().truncate_each_run)
 
 
 class LoadPostgres(FileTask):
     """One transaction per file: rows, errors, visitors and the load_log row (the marker)."""
 
     def requires(self):
-        return {"split": SplitVisitorStats(date=self.date, file_name=self.file_name),
+        return {"download": DownloadReport(date=self.date, file_name=self.file_name),
+                "checked": ValidateReport(date=self.date, file_name=self.file_name),
+                "split": SplitVisitorStats(date=self.date, file_name=self.file_name),
                 "run": PrepareRun(date=self.date)}
+
+    def verdict(self) -> handoff.Verdict | None:
+        path = Path(self.input()["checked"].path) / handoff.VERDICT_FILE
+        return handoff.read(path, handoff.Verdict) if path.exists() else None
 
     def output(self):
         verdict = self.verdict()
-        return db.LoadLogTarget(self.file_name, verdict and verdict["sha256"], self.date)
+        return db.LoadLogTarget(self.file_name, verdict and verdict.sha256, self.date)
 
     def run(self):
         if self.skipped():  # scheduled before another host took it, or left this run
             return
         started_at = dt.datetime.now(dt.timezone.utc)
         self.set_status_message(f"loading {self.file_name}")
-        job = processing.LoadJob(source=self.download_path(), checked_dir=self.file_state("checked"),
-                                 split_dir=Path(self.input()["split"].path),
-                                 work_dir=self.file_state("reload"))
-        database = db.database()
-        # Deflate the backup while the database works (zlib releases the GIL): ArchiveZip then
+        job = split.LoadJob(source=Path(self.input()["download"]["file"].path),
+                            checked_dir=Path(self.input()["checked"].path),
+                            split_dir=Path(self.input()["split"].path),
+                            work_dir=self.paths.reload(self.file_name))
+        # Deflate the backup while the database works (ISA-L releases the GIL): ArchiveZip then
         # only copies the compressed bytes into the day's zip, after the commit.
-        packing = threading.Thread(target=self._precompress, name="precompress", daemon=True)
+        packing = threading.Thread(target=self._precompress, args=(job,), name="precompress",
+                                   daemon=True)
         packing.start()
         try:
-            row = database.load_file(job, self.date, RUN_ID, started_at)
+            result = db.loader().load_file(job, self.output(), runinfo.run_id(), started_at)
         except Exception as error:
             # Recorded in load_log and errors (their own transaction); the next successful
             # load of the file replaces the record.
-            database.record_failed_load(self.file_name, job.sha256, job.size, self.date, RUN_ID,
-                                        started_at, f"{type(error).__name__}: {error}")
+            db.load_log().record_failed_load(self.file_name, job.sha256, job.size, self.date,
+                                             runinfo.run_id(), started_at,
+                                             f"{type(error).__name__}: {error}")
             raise
         finally:
             packing.join()
-        self.set_status_message(f"{row['status']}: {row['rows_loaded']} rows loaded, "
-                                f"{row['rows_rejected']} rejected")
+        self.set_status_message(f"{result.status}: {result.rows_loaded} rows loaded, "
+                                f"{result.rows_rejected} rejected")
         log.info("%s %s: %d rows read, %d loaded, %d rejected (load_log id %d)", self.file_name,
-                 row["status"], row["rows_read"], row["rows_loaded"], row["rows_rejected"], row["id"])
+                 result.status, result.rows_read, result.rows_loaded, result.rows_rejected, result.id)
 
-    def _precompress(self) -> None:
+    def _precompress(self, job: split.LoadJob) -> None:
         # Lower priority than the COPY path: on two cores the server's backend is the critical one
         # (Linux: a thread's nice value is its own; elsewhere this may be refused, which is fine).
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         try:
-            archive.precompress(self.download_path(), self.file_state("backup.deflate"),
-                                config.load().zip_level, self.verdict()["sha256"])
+            archive.precompress(job.source, self.paths.deflated(self.file_name),
+                                config.load().zip_level, job.sha256)
         except (OSError, archive.ArchiveError) as error:  # ArchiveZip tries again
             log.warning("could not precompress %s: %s", self.file_name, error)
 
@@ -223,39 +213,44 @@ class ArchiveZip(FileTask):
     """Zip, fsync and verify; only then delete at the source and locally."""
 
     def requires(self):
-        return LoadPostgres(date=self.date, file_name=self.file_name)
+        return {"load": LoadPostgres(date=self.date, file_name=self.file_name),
+                "download": DownloadReport(date=self.date, file_name=self.file_name),
+                "checked": ValidateReport(date=self.date, file_name=self.file_name)}
 
     def output(self):
-        return luigi.LocalTarget(str(self.state_root() / "archived" / f"{self.file_name}.json"))
+        return luigi.LocalTarget(str(self.paths.archived(self.file_name)))
 
     def run(self):
         if self.skipped():  # scheduled before another host took it, or left this run
             return
-        database = db.database()
-        sha = self.verdict()["sha256"]
-        status = database.file_status(self.file_name, sha)
+        downloaded = self.input()["download"]
+        verdict = handoff.read(Path(self.input()["checked"].path) / handoff.VERDICT_FILE,
+                               handoff.Verdict)
+        load_log = db.load_log()
+        status = load_log.file_status(self.file_name, verdict.sha256)
         member = self.file_name if status == "loaded" else f"{status}/{self.file_name}"
         self.set_status_message(f"archiving {member}")
         where = archive.add_to_archive(Path(config.paths().backup_dir), self.date,
-                                       self.download_path(), member, sha, config.load().zip_level,
-                                       packed=self.file_state("backup.deflate"))
-        database.mark_archived(self.file_name, sha, where)
+                                       Path(downloaded["file"].path), member, verdict.sha256,
+                                       config.load().zip_level,
+                                       packed=self.paths.deflated(self.file_name))
+        load_log.mark_archived(self.file_name, verdict.sha256, where)
         source = sftp.source()
         removed = False
-        if self._unchanged_at_source(source):
+        if self._unchanged_at_source(source, Path(downloaded["remote"].path)):
             removed = source.remove(self.file_name)
-            database.mark_removed(self.file_name, sha)
-        self._clean_local()
+            load_log.mark_removed(self.file_name, verdict.sha256)
+        Path(downloaded["file"].path).unlink(missing_ok=True)
+        shutil.rmtree(self.paths.state(self.file_name), ignore_errors=True)
         with self.output().temporary_path() as tmp:
-            Path(tmp).write_text(json.dumps({"archive": where, "status": status, "sha256": sha,
-                                             "removed_at_source": removed}))
+            handoff.write(Path(tmp), handoff.Archived(where, status, verdict.sha256, removed))
 
-    def _unchanged_at_source(self, source: sftp.SftpSource) -> bool:
+    def _unchanged_at_source(self, source: sftp.SftpSource, record: Path) -> bool:
         """Never delete a file the partner replaced or touched after we downloaded it: its
         size and mtime must be those recorded at the download."""
         try:
-            recorded = json.loads(self.remote_record().read_text())
-        except (OSError, ValueError):
+            recorded = handoff.read(record, handoff.RemoteRecord)
+        except (OSError, ValueError, TypeError):
             log.warning("%s: no record of its size and mtime at the download: left at the"
                         " source (the next run sees it again)", self.file_name)
             return False
@@ -263,16 +258,12 @@ class ArchiveZip(FileTask):
             now = source.stat(self.file_name)
         except FileNotFoundError:
             return True  # already gone (another worker or host removed it)
-        if (now.size, now.mtime) != (recorded["size"], recorded["mtime"]):
+        if (now.size, now.mtime) != (recorded.size, recorded.mtime):
             log.warning("%s changed at the source since it was downloaded (%d bytes, mtime %d ->"
                         " %d bytes, mtime %d): left there for the next run", self.file_name,
-                        recorded["size"], recorded["mtime"], now.size, now.mtime)
+                        recorded.size, recorded.mtime, now.size, now.mtime)
             return False
         return True
-
-    def _clean_local(self) -> None:
-        self.download_path().unlink(missing_ok=True)
-        shutil.rmtree(self.file_state(), ignore_errors=True)
 
 
 class RunAll(luigi.WrapperTask):
@@ -282,11 +273,11 @@ class RunAll(luigi.WrapperTask):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        logsetup.configure()
+        setup.configure()
 
     def requires(self):
         if not hasattr(self, "_reports"):
-            notify.send_report_at_exit(self.date)
+            runmail.send_at_exit(self.date)
             listed = sftp.source().list_reports()
             log.info("%d report(s) on the server: %s", len(listed),
                      ", ".join(r.name for r in listed) or "none")
@@ -294,7 +285,7 @@ class RunAll(luigi.WrapperTask):
         return [self._chain(r, rank) for rank, r in enumerate(
             sorted(self._reports, key=lambda r: r.size, reverse=True))]
 
-    def _chain(self, report: sftp.RemoteFile, rank: int) -> "ArchiveZip":
+    def _chain(self, report: sftp.RemoteFile, rank: int) -> ArchiveZip:
         """A file's chain, smaller files first: a stalled partial upload on the server beside its
         completed version loads before it, so the completion is taken as its extension.  (Luigi's
         scheduler passes a task's priority on to the steps it requires.)"""
@@ -312,7 +303,7 @@ class RunAll(luigi.WrapperTask):
         why = (f"modified {max(age, 0):.0f}s ago (min_age is {min_age:.0f}s): it may still be"
                " being written")
         log.warning("%s left at the source for a later run: %s", report.name, why)
-        notify.record_deferred(report.name, why)
+        runmail.record_deferred(report.name, why)
         return False
 
 
@@ -321,8 +312,3 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     os.replace(partial, path)
-
-
-@luigi.Task.event_handler(luigi.Event.PROCESSING_TIME)
-def _log_processing_time(task: luigi.Task, seconds: float) -> None:
-    log.info("task %s took %.2fs", task, seconds)

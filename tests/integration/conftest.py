@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from visitas import devservers
+from visitas.dev import servers as devservers
 
 from .harness import Env, start_sftp
 

@@ -17,7 +17,7 @@ import polars as pl
 import psycopg
 from psycopg import sql
 
-from visitas import devservers, sample
+from visitas.dev import sample, servers as devservers
 
 REMOTE_DIR = "home/vinkOS/archivosVisitas"
 RETCODES = devservers.RETCODE_SECTION

@@ -7,7 +7,8 @@ import time
 
 import psycopg
 
-from visitas import db, devservers
+from visitas import db
+from visitas.dev import servers as devservers
 
 from .harness import assert_exactly_once, notify_cfg, wait_for, wait_until_blocked_on_a_lock
 

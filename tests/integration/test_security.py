@@ -10,7 +10,8 @@ import urllib.request
 import psycopg
 from psycopg import sql
 
-from visitas import db, devservers
+from visitas import db
+from visitas.dev import servers as devservers
 
 from .harness import notify_cfg, wait_for, wait_until_blocked_on_a_lock
 

@@ -9,7 +9,7 @@ GOOD_ROW = ('ana@example.com,1,,,08/02/2013 18:30,08/02/2013 19:00,2,0,-,0,0,-,'
 
 def row(**changes: str) -> str:
     """GOOD_ROW with some fields replaced, by internal column name."""
-    from visitas.contract import COLUMNS, split_line
+    from visitas.transform.contract import COLUMNS, split_line
 
     fields = split_line(GOOD_ROW)
     for name, value in changes.items():
@@ -20,7 +20,7 @@ def row(**changes: str) -> str:
 @pytest.fixture
 def check():
     """Validate data lines (numbered from 2, as after a header) -> the checked frame."""
-    from visitas import contract
+    from visitas.transform import contract
 
     def _check(*lines: str) -> pl.DataFrame:
         n = len(lines)
@@ -35,7 +35,7 @@ def check():
 @pytest.fixture
 def errors_of(check):
     """Validate data lines -> list of (line_no, column_name, reason, message)."""
-    from visitas import contract
+    from visitas.transform import contract
 
     def _errors(*lines: str) -> list[tuple]:
         frame = contract.error_rows(check(*lines).lazy(), "report_1.txt").collect()

@@ -1,22 +1,22 @@
 """A whole file through ValidateReport's and SplitVisitorStats' pure work (local files only)."""
 
-import json
 
 import polars as pl
 import pytest
 
-from visitas import processing
-from visitas.copy_format import copy_lines
+from visitas import handoff
+from visitas.transform import reading, split, validate
+from visitas.db.copy_format import copy_lines
 
-from .conftest import GOOD_ROW, HEADER, row
+from ..conftest import GOOD_ROW, HEADER, row
 
 
-def _run(tmp_path, data: bytes, batch_bytes=processing.BATCH_BYTES, parallel=processing.PARALLEL_BATCHES):
+def _run(tmp_path, data: bytes, batch_bytes=reading.BATCH_BYTES, parallel=reading.PARALLEL_BATCHES):
     path = tmp_path / "report_1.txt"
     path.write_bytes(data)
-    verdict = processing.validate_report(path, "report_1.txt", tmp_path / "checked", batch_bytes,
+    verdict = validate.validate_report(path, "report_1.txt", tmp_path / "checked", batch_bytes,
                                          parallel)
-    summary = processing.split_report(tmp_path / "checked", "report_1.txt", tmp_path / "split")
+    summary = split.split_report(tmp_path / "checked", "report_1.txt", tmp_path / "split")
     return verdict, summary
 
 
@@ -25,7 +25,7 @@ def _copy_rows(path):
 
 
 def _statistics_rows(tmp_path):
-    batches = processing.statistics_batches(tmp_path / "checked", "report_1.txt")
+    batches = split.statistics_batches(tmp_path / "checked", "report_1.txt")
     return [line.split("\t") for line in b"".join(map(copy_lines, batches)).decode().splitlines()]
 
 
@@ -53,7 +53,7 @@ def test_mixed_line_ends_and_small_batches_keep_line_numbers(tmp_path, parallel)
     assert [int(e[1]) for e in errors] == [i + 1 for i in range(5, 41, 5)]
     stats = _statistics_rows(tmp_path)
     assert [int(s[16]) for s in stats] == [i + 1 for i in range(1, 41) if i % 5]
-    assert summary["rows_read"] == summary["rows_loaded"] + summary["rows_rejected"]
+    assert summary.rows_read == summary.rows_loaded + summary.rows_rejected
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -66,7 +66,7 @@ def test_mixed_line_ends_and_small_batches_keep_line_numbers(tmp_path, parallel)
 def test_file_level_rejections(tmp_path, data, reason):
     verdict, summary = _run(tmp_path, data)
     assert verdict.status == "rejected" and verdict.reason == reason
-    assert summary["sha256"] and summary["error_count"] == 1
+    assert summary.sha256 and summary.error_count == 1
     [error] = _copy_rows(tmp_path / "split" / "errors.copy")
     assert error[2:4] == ["(file)", reason]
     assert _statistics_rows(tmp_path) == []
@@ -77,8 +77,8 @@ def test_visitor_summaries_are_written(tmp_path):
     _run(tmp_path, text.encode(), batch_bytes=len(HEADER) + 5)  # one line per batch, merged
     summaries = pl.read_parquet(tmp_path / "split" / "visitors.parquet")
     assert summaries.select("visitas_totales", "visitas_anio_actual", "visitas_mes_actual").row(0) == (3, 3, 1)
-    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
-    assert summary["visitors"] == 1
+    summary = handoff.read(tmp_path / "split" / handoff.SUMMARY_FILE, handoff.SplitSummary)
+    assert summary.visitors == 1
 
 
 def test_ordered_map_keeps_order_bounds_work_in_flight_and_passes_errors_on():
@@ -101,7 +101,7 @@ def test_ordered_map_keeps_order_bounds_work_in_flight_and_passes_errors_on():
             raise ValueError("batch 5 is bad")
         return index
 
-    results = processing.ordered_map(work, ((i,) for i in range(8)), parallel=3)
+    results = validate.ordered_map(work, ((i,) for i in range(8)), parallel=3)
     assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="batch 5"):
         next(results)
@@ -113,7 +113,7 @@ def test_ordered_map_keeps_order_bounds_work_in_flight_and_passes_errors_on():
 def _pieces(tmp_path, data: bytes, batch_bytes: int, max_line_bytes: int = 1 << 20):
     path = tmp_path / "lines.txt"
     path.write_bytes(data)
-    return list(processing.iter_raw_lines(path, 0, 2, batch_bytes, max_line_bytes))
+    return list(reading.iter_raw_lines(path, 0, 2, batch_bytes, max_line_bytes))
 
 
 @pytest.mark.parametrize("batch_bytes", [1, 2, 3, 5, 64])
@@ -127,7 +127,7 @@ def test_pieces_are_whole_lines_whatever_the_batch_size(tmp_path, batch_bytes):
 
 
 def _lines_of(piece):
-    from visitas import contract
+    from visitas.transform import contract
 
     frame, _ = contract.lines_frame(piece.data, piece.first_line_no)
     return frame.select("line_no", "line").rows()
@@ -149,14 +149,14 @@ def test_cr_only_bom_and_windows_1252_file(tmp_path):
     verdict, summary = _run(tmp_path, b"\xef\xbb\xbf" + text.encode("cp1252"))
     assert (verdict.status, verdict.rows_read, verdict.rows_loaded) == ("valid", 2, 1)
     assert verdict.encoding == "mixed"  # a BOM says UTF-8, the lines are not
-    assert summary["warnings"]["mixed_encoding"] == 1
+    assert summary.warnings["mixed_encoding"] == 1
     assert _statistics_rows(tmp_path)[0][13] == '{"Explorador móvil"}'
 
 
 def test_a_file_wholly_in_windows_1252_is_no_warning(tmp_path):
     text = "\r\n".join([HEADER, row(navegadores="Explorador móvil")]) + "\r\n"
     verdict, summary = _run(tmp_path, text.encode("cp1252"))
-    assert verdict.encoding == "cp1252" and summary["warnings"]["mixed_encoding"] == 0
+    assert verdict.encoding == "cp1252" and summary.warnings["mixed_encoding"] == 0
 
 
 @pytest.mark.parametrize("tail, lines_done", [
@@ -178,15 +178,15 @@ def test_a_split_of_the_lines_after_a_point_without_refused_rows(tmp_path):
              row(email="d@x.mx"), row(email="e@x.mx")]
     _run(tmp_path, ("\n".join(lines) + "\n").encode())
     refused = {5: ("opens", "the database refused the row: out of range", "d@x.mx\t...")}
-    summary = processing.split_report(tmp_path / "checked", "report_1.txt", tmp_path / "part",
+    summary = split.split_report(tmp_path / "checked", "report_1.txt", tmp_path / "part",
                                       after_line=2, refused=refused)
-    assert (summary["rows_read"], summary["rows_loaded"], summary["rows_rejected"]) == (4, 2, 2)
+    assert (summary.rows_read, summary.rows_loaded, summary.rows_rejected) == (4, 2, 2)
     visitors = pl.read_parquet(tmp_path / "part" / "visitors.parquet")["email"].to_list()
     assert visitors == ["c@x.mx", "e@x.mx"]
     errors = _copy_rows(tmp_path / "part" / "errors.copy")
     assert [(e[1], e[2], e[3], e[5]) for e in errors] == [
         ("3", "Opens", "invalid_count", lines[2]), ("5", "opens", "db_refused", "d@x.mx\\t...")]
-    batches = processing.statistics_batches(tmp_path / "checked", "report_1.txt", after_line=3)
+    batches = split.statistics_batches(tmp_path / "checked", "report_1.txt", after_line=3)
     assert pl.concat(batches)["line_no"].to_list() == [4, 5, 6]
 
 
@@ -196,6 +196,6 @@ def test_prefix_hashes_in_one_pass(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(bytes(range(256)) * 40)
     sizes = [0, 1, 4095, 4096, 10_240, 99_999]
-    found = processing.prefix_sha256(path, sizes)
+    found = reading.prefix_sha256(path, sizes)
     data = path.read_bytes()
     assert found == {n: hashlib.sha256(data[:n]).hexdigest() for n in sizes if n <= len(data)}

@@ -4,7 +4,7 @@ import datetime as dt
 
 import polars as pl
 
-from visitas.copy_format import copy_lines
+from visitas.db.copy_format import copy_lines
 
 
 def test_nulls_escapes_arrays_and_timestamps():

@@ -1,6 +1,6 @@
 """The run report's pure parts: composing the mail, pruning old failure records."""
 
-from visitas import notify
+from visitas.ops import runmail as notify
 
 
 def _report(**extra):
@@ -37,7 +37,7 @@ def test_needs_mail_only_for_problems():
 def test_old_failure_records_are_pruned(tmp_path, monkeypatch):
     import os
 
-    from visitas import notify
+    from visitas.ops import runmail as notify
 
     runs = tmp_path / "runs"
     runs.mkdir()

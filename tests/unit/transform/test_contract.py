@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from visitas import contract
+from visitas.transform import contract
 
-from .conftest import GOOD_ROW, HEADER, row
+from ..conftest import GOOD_ROW, HEADER, row
 
 
 # ---------------------------------------------------------------- header

@@ -1,6 +1,6 @@
 """Deterministic, realistic sample reports (for the demo, the tests and the benchmark).
 
-    python -m visitas.sample OUTDIR --files 3 --rows 500 --seed 7 --defects 0.05
+    python -m visitas.dev.sample OUTDIR --files 3 --rows 500 --seed 7 --defects 0.05
 
 Reproduces the partner's quirks: CRLF and LF line ends, UTF-8 with and without BOM and
 Windows-1252 files, a varying 2nd header name, accents in header names, quoted multi-value
@@ -192,7 +192,7 @@ def generate(out_dir: Path, files: int = 3, rows: int = 500, seed: int = 7,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visitas.sample", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m visitas.dev.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--files", type=int, default=3)

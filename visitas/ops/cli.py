@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
     args = parser.parse_args(argv)
 
-    from visitas import db, logsetup
-    from visitas import report as monthly
+    from visitas import db
+    from visitas.ops import monthly
+    from visitas.runtime import logsetup
 
     logsetup.configure()
     try:

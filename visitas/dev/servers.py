@@ -8,7 +8,7 @@
 - :class:`OpenSshServer`: OpenSSH's ``sshd`` with the same keys, when it is installed.
 - :class:`SmtpServer`: an aiosmtpd server that keeps the messages it receives.
 
-``python -m visitas.devservers sftp ...`` is the child process of :class:`SftpServer`.
+``python -m visitas.dev.servers sftp ...`` is the child process of :class:`SftpServer`.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class SftpServer:
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VISITAS_SFTP_PASSWORD": self.password}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "visitas.devservers", "sftp", "--root", str(self.root),
+            [sys.executable, "-m", "visitas.dev.servers", "sftp", "--root", str(self.root),
              "--port", str(self.port), "--host-key", str(self.keys.host_key),
              "--authorized-keys", str(self.keys.authorized_keys), "--username", self.username,
              "--drop-after-bytes", str(self.drop_after_bytes)],
@@ -365,7 +365,7 @@ def scratch_dir(prefix: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visitas.devservers")
+    parser = argparse.ArgumentParser(prog="python -m visitas.dev.servers")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("sftp", help="run the embedded SFTP server until SIGTERM")
     serve.add_argument("--root", required=True)

@@ -1,4 +1,4 @@
-"""The run report: one email after a run that rejected, duplicated or failed anything.
+"""The run mail: one email after a run that rejected, duplicated, deferred or failed anything.
 
 Failures are recorded by Luigi event handlers (in whichever process the task ran) into
 ``state_dir/runs/<run_id>.jsonl``; when the process that scheduled ``RunAll`` exits, it reads them
@@ -23,8 +23,9 @@ from pathlib import Path
 import luigi
 import psycopg.rows
 
-from visitas import config, logsetup
-from visitas.runinfo import RUN_ID
+from visitas import config
+from visitas.paths import RunPaths
+from visitas.runtime import logsetup, runinfo
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _registered_pid: int | None = None
 
 
 def failures_file() -> Path:
-    return Path(config.paths().resolved_state_dir()) / "runs" / f"{RUN_ID}.jsonl"
+    return RunPaths.events(Path(config.paths().resolved_state_dir()), runinfo.run_id())
 
 
 def record_failure(task: luigi.Task, error: object) -> None:
@@ -60,12 +61,14 @@ def _append(entry: dict) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
-for _event in (luigi.Event.FAILURE, luigi.Event.BROKEN_TASK, luigi.Event.PROCESS_FAILURE,
-               luigi.Event.TIMEOUT):
-    luigi.Task.event_handler(_event)(record_failure)
+def register_handlers() -> None:
+    """Record every failure of this run (called once per process by runtime.setup)."""
+    for event in (luigi.Event.FAILURE, luigi.Event.BROKEN_TASK, luigi.Event.PROCESS_FAILURE,
+                  luigi.Event.TIMEOUT):
+        luigi.Task.event_handler(event)(record_failure)
 
 
-def send_report_at_exit(run_date: dt.date) -> None:
+def send_at_exit(run_date: dt.date) -> None:
     """Called by RunAll while scheduling: the mail goes out when this process exits."""
     global _registered_pid
     if _registered_pid == os.getpid():
@@ -106,7 +109,7 @@ def gather(run_date: dt.date) -> dict:
 
     events = _read_events()
     deferred = {e["file"]: e for e in events if e.get("kind") == "deferred"}
-    report = {"run_id": RUN_ID, "run_date": run_date.isoformat(), "files": [], "reasons": [],
+    report = {"run_id": runinfo.run_id(), "run_date": run_date.isoformat(), "files": [], "reasons": [],
               "errors": [], "failures": [e for e in events if e.get("kind", "failure") == "failure"],
               "deferred": list(deferred.values()), "database_error": None}
     limit = config.notify().max_attachment_rows
@@ -118,7 +121,7 @@ def gather(run_date: dt.date) -> dict:
             files = cur.execute(database.q(
                 "SELECT id, file_name, status, rows_read, rows_loaded, rows_rejected, reason,"
                 " message, encoding, warnings FROM {schema}.load_log WHERE run_id = %s ORDER BY id"),
-                (RUN_ID,)).fetchall()
+                (runinfo.run_id(),)).fetchall()
             ids = [f["id"] for f in files]
             reasons = cur.execute(database.q(
                 "SELECT reason, count(*) AS n, min(source_file || ':' || line_no || ' ' || message)"

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from visitas import visitors
+from visitas.transform import visitors
 
 
 def _visits(*pairs):

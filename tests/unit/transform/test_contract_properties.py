@@ -4,9 +4,9 @@ of statistics or errors."""
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from visitas import contract
+from visitas.transform import contract
 
-from .conftest import GOOD_ROW, row
+from ..conftest import GOOD_ROW, row
 
 FIELD = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"),

@@ -7,9 +7,14 @@ holds a character that COPY or array syntax treats specially is written as it is
 from __future__ import annotations
 
 import io
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import polars as pl
 
+T = TypeVar("T")
 NULL = r"\N"
 _COPY_SPECIAL = r"[\\\t\n\r\x00]"
 _ARRAY_SPECIAL = r'[\\"\t\n\r\x00]'
@@ -70,3 +75,52 @@ def copy_lines(frame: pl.DataFrame) -> bytes:
     text.write_csv(out, include_header=False, separator="\t", quote_style="never", null_value=NULL,
                    datetime_format="%Y-%m-%d %H:%M:%S", date_format="%Y-%m-%d")
     return out.getvalue()
+
+
+def prefetch(items: Iterable[T], depth: int = 2, poll: float = 0.2) -> Iterator[T]:
+    """Produce ``items`` in a thread, ``depth`` ahead of the consumer (Polars releases the GIL).
+
+    The thread never blocks for good: every hand-over waits in short steps and gives up once the
+    consumer has stopped (an error, a closed generator), so the consumer's ``join`` returns and
+    an outage mid-COPY becomes a retry instead of a hang.
+    """
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def hand_over(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=poll)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not hand_over(item):
+                    return
+            hand_over(done)
+        except BaseException as error:  # handed to the consumer
+            hand_over(error)
+
+    worker = threading.Thread(target=produce, name="copy-formatter", daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                item = ready.get(timeout=poll)
+            except queue.Empty:
+                if not worker.is_alive() and ready.empty():
+                    raise RuntimeError("the copy formatter stopped without a result") from None
+                continue
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()

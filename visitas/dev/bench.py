@@ -1,6 +1,6 @@
 """``make bench``: the pipeline against the floor of merely moving the bytes.
 
-    python -m visitas.bench --rows 2000000 [--visitors 300000] [--workers 1] [--many-files 200]
+    python -m visitas.dev.bench --rows 2000000 [--visitors 300000] [--workers 1] [--many-files 200]
                             [--many-rows 1000]
 
 In one run, on throwaway servers on localhost (PostgreSQL with fsync on, the embedded SFTP server):
@@ -37,7 +37,7 @@ import paramiko
 import polars as pl
 import psycopg
 
-from visitas import devservers, sample
+from visitas.dev import sample, servers
 
 REMOTE_DIR = "home/vinkOS/archivosVisitas"
 
@@ -47,12 +47,12 @@ class Bench:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         base.chmod(0o755)
-        self.cluster = devservers.PostgresCluster(base / "pg", fsync=True).init().start()
-        self.keys = devservers.SshKeys(base / "keys")
+        self.cluster = servers.PostgresCluster(base / "pg", fsync=True).init().start()
+        self.keys = servers.SshKeys(base / "keys")
         self.remote = base / "sftp" / REMOTE_DIR
         shutil.rmtree(self.remote, ignore_errors=True)  # nothing left from an interrupted run
         self.remote.mkdir(parents=True, exist_ok=True)
-        self.server = devservers.SftpServer(base / "sftp", self.keys).start()
+        self.server = servers.SftpServer(base / "sftp", self.keys).start()
         self.known_hosts = self.keys.write_known_hosts(base / "known_hosts", self.server.port)
 
     def close(self) -> None:
@@ -122,7 +122,7 @@ backup_dir = {workers_dir / 'bckp'}
 state_dir = {workers_dir / 'state'}
 [logfile]
 path = {workers_dir / 'visitas.log'}
-""" + devservers.RETCODE_SECTION)
+""" + servers.RETCODE_SECTION)
         return cfg
 
     def pipeline(self, schema: str, workers: int = 1) -> dict:
@@ -188,7 +188,7 @@ def _stage_seconds(log: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visitas.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m visitas.dev.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--visitors", type=int, default=300_000)

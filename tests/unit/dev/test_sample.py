@@ -2,7 +2,8 @@
 
 import polars as pl
 
-from visitas import processing, sample
+from visitas.dev import sample
+from visitas.transform import split, validate
 
 
 def test_generator_is_deterministic(tmp_path):
@@ -16,18 +17,18 @@ def test_every_planted_defect_is_reported_with_its_line(tmp_path):
     manifest = sample.generate(tmp_path / "in", files=3, rows=900, seed=11, defects=0.05)
     truth = pl.read_parquet(tmp_path / "in" / "truth.parquet")
     for name, info in manifest["files"].items():
-        checked, split = tmp_path / name / "checked", tmp_path / name / "split"
-        verdict = processing.validate_report(tmp_path / "in" / name, name, checked)
-        processing.split_report(checked, name, split)
+        checked, split_dir = tmp_path / name / "checked", tmp_path / name / "split"
+        verdict = validate.validate_report(tmp_path / "in" / name, name, checked)
+        split.split_report(checked, name, split_dir)
         assert verdict.encoding == info["encoding"]
         assert (verdict.rows_read, verdict.rows_loaded, verdict.rows_rejected) == (
             info["rows"], info["valid_rows"], info["rejected_rows"])
         error_lines = {int(line.split("\t")[1])
-                       for line in (split / "errors.copy").read_text().splitlines()}
+                       for line in (split_dir / "errors.copy").read_text().splitlines()}
         planted = {n for lines in info["defects"].values() for n in lines}
         assert error_lines == planted
         assert all(info["defects"][kind] for kind in sample.DEFECT_KINDS)
-        stats_lines = pl.concat(processing.statistics_batches(checked, name))["line_no"].to_list()
+        stats_lines = pl.concat(split.statistics_batches(checked, name))["line_no"].to_list()
         assert stats_lines == truth.filter(pl.col("source_file") == name)["line_no"].to_list()
 
 

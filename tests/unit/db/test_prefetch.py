@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from visitas.db import prefetch
+from visitas.db.copy_format import prefetch
 
 
 def test_prefetch_yields_in_order_and_passes_errors_on():

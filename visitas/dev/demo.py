@@ -19,12 +19,12 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from visitas import devservers, sample
+from visitas.dev import sample, servers
 
 REMOTE_DIR = "home/vinkOS/archivosVisitas"
 
 
-def _config(base: Path, port: int, keys: devservers.SshKeys) -> str:
+def _config(base: Path, port: int, keys: servers.SshKeys) -> str:
     return f"""# Written by the demo: embedded servers on localhost, no secrets in this file.
 [core]
 log_level = INFO
@@ -48,7 +48,7 @@ state_dir = {base / 'state'}
 [logfile]
 path = {base / 'logs' / 'visitas.log'}
 level = WARNING
-""" + devservers.RETCODE_SECTION
+""" + servers.RETCODE_SECTION
 
 
 def _upload(base: Path, remote: Path) -> list[str]:
@@ -70,7 +70,7 @@ def _upload(base: Path, remote: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visitas.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m visitas.dev.demo", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path(".demo"))
     args = parser.parse_args(argv)
     base = args.dir.resolve()
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     base.chmod(0o755)
 
     print(f"visitas demo — everything under {base}")
-    cluster = devservers.PostgresCluster(base / "pg").init().start()
-    keys = devservers.SshKeys(base / "keys")
+    cluster = servers.PostgresCluster(base / "pg").init().start()
+    keys = servers.SshKeys(base / "keys")
     remote = base / "sftp" / REMOTE_DIR
     remote.mkdir(parents=True, exist_ok=True)
-    server = devservers.SftpServer(base / "sftp", keys).start()
+    server = servers.SftpServer(base / "sftp", keys).start()
     try:
         keys.write_known_hosts(base / "known_hosts", server.port)
         (base / "luigi.cfg").write_text(_config(base, server.port, keys))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import dataclasses
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -20,11 +19,23 @@ from collections.abc import Callable, Iterable
 import polars as pl
 from email_validator import EmailNotValidError, validate_email
 
+from visitas.handoff import WARNING_KINDS  # noqa: F401 - part of the contract
+
+# A statistics row, column by column: (Polars type, PostgreSQL type).  The one definition: the
+# report's 15 columns by position, the Polars schema and the COPY column list derive from it,
+# and a test checks the migrated table against it (tests/integration/test_schema.py).
+STATISTICS: dict[str, tuple[pl.DataType, str]] = {
+    "email": (pl.String(), "text"), "jyv": (pl.String(), "text"), "badmail": (pl.String(), "text"),
+    "baja": (pl.String(), "text"), "fecha_envio": (pl.Datetime("us"), "timestamp"),
+    "fecha_open": (pl.Datetime("us"), "timestamp"), "opens": (pl.Int64(), "bigint"),
+    "opens_virales": (pl.Int64(), "bigint"), "fecha_click": (pl.Datetime("us"), "timestamp"),
+    "clicks": (pl.Int64(), "bigint"), "clicks_virales": (pl.Int64(), "bigint"),
+    "links": (pl.List(pl.String), "text[]"), "ips": (pl.List(pl.String), "text[]"),
+    "navegadores": (pl.List(pl.String), "text[]"), "plataformas": (pl.List(pl.String), "text[]"),
+    "source_file": (pl.String(), "text"), "line_no": (pl.Int64(), "bigint"),
+}
 # Column names used inside visitas, by position in the file.
-COLUMNS: tuple[str, ...] = (
-    "email", "jyv", "badmail", "baja", "fecha_envio", "fecha_open", "opens", "opens_virales",
-    "fecha_click", "clicks", "clicks_virales", "links", "ips", "navegadores", "plataformas",
-)
+COLUMNS: tuple[str, ...] = tuple(STATISTICS)[:15]
 # Header names as the partner writes them; ``None`` means any name is accepted (it varies).
 HEADER_NAMES: tuple[str | None, ...] = (
     "email", None, "Badmail", "Baja", "Fecha envio", "Fecha open", "Opens", "Opens virales",
@@ -48,22 +59,12 @@ _ROW_PATTERN = "^" + ",".join([_FIELD] * N_COLUMNS) + "$"
 _ANY_ROW_PATTERN = "^" + _FIELD + "(?:," + _FIELD + ")*$"
 _QUOTED = r'"(?:[^"]|"")*"'
 
-STATISTICS_SCHEMA: dict[str, pl.DataType] = {
-    "email": pl.String, "jyv": pl.String, "badmail": pl.String, "baja": pl.String,
-    "fecha_envio": pl.Datetime("us"), "fecha_open": pl.Datetime("us"),
-    "opens": pl.Int64, "opens_virales": pl.Int64, "fecha_click": pl.Datetime("us"),
-    "clicks": pl.Int64, "clicks_virales": pl.Int64,
-    "links": pl.List(pl.String), "ips": pl.List(pl.String),
-    "navegadores": pl.List(pl.String), "plataformas": pl.List(pl.String),
-    "source_file": pl.String, "line_no": pl.Int64,
-}
+STATISTICS_SCHEMA: dict[str, pl.DataType] = {name: types[0] for name, types in STATISTICS.items()}
 ERROR_SCHEMA: dict[str, pl.DataType] = {
     "source_file": pl.String, "line_no": pl.Int64, "column_name": pl.String,
     "reason": pl.String, "message": pl.String, "raw_line": pl.String,
 }
 _ERROR_STRUCT = pl.Struct({"column_name": pl.String, "reason": pl.String, "message": pl.String})
-WARNING_KINDS = ("open_before_send", "click_before_send", "click_without_open", "baja_with_activity",
-                 "mixed_encoding")
 # A line longer than this is rejected (``line_too_long``) without being held whole.
 MAX_LINE_BYTES = 1024 * 1024
 # How much of an overlong line is kept for its error row.
@@ -507,30 +508,3 @@ def warning_counts(checked: pl.LazyFrame) -> pl.LazyFrame:
         (valid & is_baja & has_activity).sum().alias("baja_with_activity"),
         pl.col("cp1252").sum().alias("mixed_encoding"),
     ).select(pl.all().cast(pl.Int64))
-
-
-@dataclasses.dataclass
-class FileVerdict:
-    """What happened to one file: always ``rows_read == rows_loaded + rows_rejected``."""
-
-    source_file: str
-    status: str  # "valid" (rows may still be rejected) or "rejected" (the whole file)
-    # utf-8, utf-8-sig (with a BOM), cp1252 (its non-ASCII lines are not UTF-8) or mixed
-    encoding: str | None
-    rows_read: int = 0
-    rows_loaded: int = 0
-    rows_rejected: int = 0
-    error_count: int = 0
-    reason: str | None = None
-    message: str | None = None
-    warnings: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(WARNING_KINDS, 0))
-    # Lines 1..lines_done are final: a longer version of this file (an extension) skips them.
-    # Only a last line cut without a line end and rejected is not final.
-    lines_done: int = 0
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FileVerdict":
-        return cls(**data)

@@ -1,0 +1,29 @@
+"""PostgreSQL: the connection (:mod:`.connection`), schema migrations (:mod:`.schema`), the load
+log and its Luigi targets (:mod:`.loadlog`), one file's load (:mod:`.loader`) and the COPY text
+format (:mod:`.copy_format`).
+
+Each process has its own handles (a connection does not survive Luigi's fork of a worker).
+"""
+
+from visitas.db.connection import Database
+from visitas.db.loader import Loader
+from visitas.db.loadlog import LoadLog, LoadLogTarget, RunLogTarget
+from visitas.db.locks import LOCK_FILE, LOCK_RUN, LOCK_SCHEMA, LOCK_VISITORS
+from visitas.runtime.runinfo import per_process
+
+__all__ = ["LOCK_FILE", "LOCK_RUN", "LOCK_SCHEMA", "LOCK_VISITORS", "Database", "LoadLog",
+           "LoadLogTarget", "Loader", "RunLogTarget", "database", "load_log", "loader"]
+
+
+@per_process
+def database() -> Database:
+    """This process's database handle."""
+    return Database.from_config()
+
+
+def load_log() -> LoadLog:
+    return LoadLog(database())
+
+
+def loader() -> Loader:
+    return Loader(database())

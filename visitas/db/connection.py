@@ -1,0 +1,108 @@
+"""The connection to PostgreSQL (psycopg 3): connect, retry, and classify the driver's errors.
+
+Driver errors are classified here, where the client meets the database: connection failures
+are transient (retried with backoff, :mod:`visitas.runtime.retrying`), a malformed DSN is a
+configuration error, and no error text leaves with a secret in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
+from psycopg import sql
+
+from visitas.db.schema import migrate
+from visitas.runtime import logsetup, retrying
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# libpq keepalives: a server that vanishes without closing the connection (a host down, a
+# network cut) is noticed within about a minute instead of never.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+              "keepalives_count": 3}
+
+
+def _q(template: str, schema: str) -> sql.Composed:
+    return sql.SQL(template).format(schema=sql.Identifier(schema))
+
+
+class Database:
+    """A connection to the visitas schema, reconnecting (with backoff) after an outage."""
+
+    def __init__(self, dsn: str, schema: str = "public", retry: dict | None = None,
+                 lock_wait: float = 600.0):
+        if not dsn:
+            raise retrying.ConfigError("no PostgreSQL DSN: set [postgres] dsn or VISITAS_DSN")
+        self._dsn = dsn
+        self.schema = schema
+        self.retry = retry or {}
+        self.lock_wait = lock_wait
+        self._conn: psycopg.Connection | None = None
+        self._schema_ready = False
+
+    @classmethod
+    def from_config(cls) -> "Database":
+        from visitas.config import postgres
+
+        cfg = postgres()
+        return cls(cfg.resolved_dsn(), cfg.schema, retrying.from_config(), cfg.lock_wait)
+
+    def __repr__(self) -> str:  # never the DSN: it may hold a password
+        return f"Database(schema={self.schema!r})"
+
+    def q(self, template: str) -> sql.Composed:
+        return _q(template, self.schema)
+
+    def connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self.close()
+            self._conn = self._connect()
+            if not self._schema_ready:
+                migrate(self._conn, self.schema)
+                self._schema_ready = True
+        return self._conn
+
+    def _connect(self) -> psycopg.Connection:
+        """Connect; errors are raised again with no secret in them (masked at the source, so
+        tracebacks, Luigi's mails and luigid's error view stay clean too)."""
+        try:
+            return psycopg.connect(self._dsn, connect_timeout=10, application_name="visitas",
+                                   **KEEPALIVES)
+        except psycopg.ProgrammingError:
+            # libpq quotes the piece of the DSN it could not parse, which may be the password.
+            raise retrying.ConfigError(
+                "the PostgreSQL DSN ([postgres] dsn or VISITAS_DSN) cannot be parsed; its text is"
+                " not shown since it may hold a password (percent-encode % @ : / in a URI, or"
+                " quote the value in key=value form)") from None
+        except psycopg.OperationalError as error:
+            raise psycopg.OperationalError(logsetup.mask(str(error), self.secrets())) from None
+
+    def secrets(self) -> list[str]:
+        return logsetup.dsn_secrets(self._dsn)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+        self._conn = None
+
+    def run(self, what: str, work: Callable[[psycopg.Connection], object]):
+        """Run ``work(conn)`` in one transaction, retried whole on a connection failure."""
+
+        def attempt():
+            conn = self.connection()
+            with conn.transaction():
+                return work(conn)
+
+        return retrying.retry_call(what, attempt, on_retry=self.close, **self.retry)
+
+    def fetch_one(self, what: str, template: str, params: tuple) -> tuple | None:
+        return self.run(what, lambda conn: conn.execute(self.q(template), params).fetchone())
+
+    # ------------------------------------------------------------------ markers

@@ -1,0 +1,295 @@
+"""One file's load: one transaction for its statistics, errors, visitor merge and marker row.
+
+Bulk paths only: COPY for statistics (batch by batch, a refused row set aside), errors and the
+staged visitor summaries; visitors are merged set-wise with the rule of
+:mod:`visitas.transform.visitors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import polars as pl
+import psycopg
+from psycopg import sql
+
+from visitas.db.connection import Database
+from visitas.db.locks import LOCK_FILE, LOCK_VISITORS, lock_key
+from visitas.db.copy_format import copy_lines, prefetch
+from visitas.db.loadlog import HANDLED, LoadLog, LoadLogTarget
+from visitas.handoff import LoadResult, SplitSummary
+from visitas.runtime import retrying
+from visitas.transform import contract, visitors
+from visitas.transform.split import LoadJob
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 1024 * 1024
+# The COPY column lists, from the definitions of the rows they copy.
+STATISTICS_COLUMNS = tuple(contract.STATISTICS_SCHEMA)
+ERROR_COLUMNS = tuple(contract.ERROR_SCHEMA)
+VISITOR_COLUMNS = tuple(visitors.SUMMARY_SCHEMA)
+
+
+# The merge rule of visitas.visitors, applied to the stored row (v) and the file's summary (s):
+# the result is the summary of all visits whatever the order of loads.  Merges are serialised
+# (LOCK_VISITORS), so known visitors are updated and new ones inserted in two set-wise statements
+# (a plain INSERT costs half an ON CONFLICT one).  Keys sorted: rows go in in index order.
+VISITOR_UPDATE = """
+UPDATE {schema}.visitor AS v SET
+    fecha_primera_visita = least(v.fecha_primera_visita, s.fecha_primera_visita),
+    fecha_ultima_visita = greatest(v.fecha_ultima_visita, s.fecha_ultima_visita),
+    visitas_totales = v.visitas_totales + s.visitas_totales,
+    visitas_anio_actual = CASE
+        WHEN date_trunc('year', v.fecha_ultima_visita) = date_trunc('year', s.fecha_ultima_visita)
+            THEN v.visitas_anio_actual + s.visitas_anio_actual
+        WHEN v.fecha_ultima_visita > s.fecha_ultima_visita THEN v.visitas_anio_actual
+        ELSE s.visitas_anio_actual END,
+    visitas_mes_actual = CASE
+        WHEN date_trunc('month', v.fecha_ultima_visita) = date_trunc('month', s.fecha_ultima_visita)
+            THEN v.visitas_mes_actual + s.visitas_mes_actual
+        WHEN v.fecha_ultima_visita > s.fecha_ultima_visita THEN v.visitas_mes_actual
+        ELSE s.visitas_mes_actual END,
+    updated_at = now()
+FROM visitas_stage AS s
+WHERE v.email = s.email
+"""
+VISITOR_INSERT = """
+INSERT INTO {schema}.visitor (email, fecha_primera_visita, fecha_ultima_visita,
+    visitas_totales, visitas_anio_actual, visitas_mes_actual)
+SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales, visitas_anio_actual,
+       visitas_mes_actual
+FROM visitas_stage AS s
+WHERE NOT EXISTS (SELECT 1 FROM {schema}.visitor AS v WHERE v.email = s.email)
+ORDER BY email
+"""
+
+
+# Files already loaded that may be the first bytes of a new one (its extension): smaller, and
+# the same first HEAD_BYTES (or smaller than that).  Their whole prefix is then hashed.
+PREFIX_CANDIDATES = (
+    "SELECT id, file_name, sha256, size_bytes, lines_done FROM {schema}.load_log"
+    " WHERE status = 'loaded' AND lines_done IS NOT NULL AND size_bytes < %(size)s"
+    " AND (head_sha256 = %(head)s OR size_bytes < %(head_bytes)s) ORDER BY size_bytes DESC")
+
+# Database refusals of one row (a value out of range, a constraint): that row is rejected.
+ROW_REFUSALS = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE classes 22 and 23
+_COPY_LINE = re.compile(r"\bline (\d+)(?:, column (\w+))?")
+
+@dataclasses.dataclass(frozen=True)
+class Parent:
+    """A loaded file whose bytes are the first bytes of the file being loaded."""
+
+    id: int
+    file_name: str
+    lines_done: int
+
+
+class ExtensionRace(retrying.RetryNow):
+    """A file this one extends was committed while this one loaded: load it again, as an
+    extension."""
+
+
+
+def _counts(summary: SplitSummary) -> dict[str, object]:
+    return {"rows_read": summary.rows_read, "rows_loaded": summary.rows_loaded,
+            "rows_rejected": summary.rows_rejected, "error_count": summary.error_count,
+            "warnings": json.dumps(summary.warnings), "visitors": summary.visitors}
+
+
+class Loader:
+    """Loads a file's split into the database."""
+
+    def __init__(self, database: Database):
+        self.db = database
+        self.log = LoadLog(database)
+
+    def load_file(self, job: LoadJob, marker: LoadLogTarget, run_id: str,
+                  started_at: dt.datetime) -> LoadResult:
+        """Load one file in one transaction, its marker row included; returns that row.
+
+        ``job`` gives the file's identity, its statistics batches, its split (errors, visitor
+        summaries, counts) and the hashes of its prefixes.
+        """
+        return self.db.run(f"loading {job.name}", lambda conn: self._load(
+            conn, job, marker, run_id, started_at))
+
+    def _load(self, conn: psycopg.Connection, job: LoadJob, marker: LoadLogTarget, run_id: str,
+              started_at: dt.datetime) -> LoadResult:
+        name, sha, run_date = job.name, job.sha256, marker.run_date
+        self._lock_file(conn, sha, name)
+        same = conn.execute(self.db.q(HANDLED), (name, sha, run_date)).fetchone()
+        if same:  # another worker or host finished it while we waited for the lock
+            log.info("%s was already handled (load_log id %s): nothing to do", name, same[0])
+            return self.log.result(conn, same[0])
+        loaded = conn.execute(self.db.q(
+            "SELECT id, file_name, run_date FROM {schema}.load_log"
+            " WHERE sha256 = %s AND status = 'loaded'"), (sha,)).fetchone()
+        common = dict(size_bytes=job.size, run_id=run_id, host=socket.gethostname(),
+                      encoding=job.summary.encoding, started_at=started_at)
+        self.log.supersede_failures(conn, sha)
+        if loaded:
+            load_id = marker.touch(conn, self.log, status="duplicate", duplicate_of=loaded[0],
+                                   reason="duplicate",
+                                   message=f"same content as {loaded[1]} (run {loaded[2]},"
+                                           f" load_log id {loaded[0]}); not loaded again",
+                                   **common)
+            log.warning("%s is a duplicate of %s (sha256 %s…): not loaded", name, loaded[1], sha[:12])
+            return self.log.result(conn, load_id)
+        rejected = job.summary.status == "rejected"
+        parent = None if rejected else self._extension_parent(conn, job)
+        after = parent.lines_done if parent else 0
+        summary, split_dir = job.split(after)
+        load_id = marker.touch(
+            conn, self.log, status="rejected" if rejected else "loaded",
+            extends=parent and parent.id, lines_done=summary.lines_done,
+            head_sha256=summary.head_sha256, reason=summary.reason,
+            message=summary.message or (parent and (
+                f"extends {parent.file_name} (load_log id {parent.id}): its lines up to"
+                f" {parent.lines_done} were loaded from it; lines after that from this file")),
+            **_counts(summary), **common)
+        if parent:
+            log.warning("%s extends %s (the same first bytes, more of them): loading its lines"
+                        " after line %d only", name, parent.file_name, parent.lines_done)
+        conn.execute("SELECT set_config('visitas.load_id', %s, true)", (str(load_id),))
+        clock = time.perf_counter()
+        if not rejected:
+            refused = self._copy_statistics(conn, job.statistics(after))
+            if refused:  # split again without them: visitors, warnings and counts exclude them
+                summary, split_dir = job.split(after, refused)
+                conn.execute(self.db.q(
+                    "UPDATE {schema}.load_log SET rows_loaded = %(rows_loaded)s,"
+                    " rows_rejected = %(rows_rejected)s, error_count = %(error_count)s,"
+                    " warnings = %(warnings)s, visitors = %(visitors)s WHERE id = %(id)s"),
+                    {**_counts(summary), "id": load_id})
+        copied = time.perf_counter()
+        self._copy(conn, "errors", ERROR_COLUMNS, [_file_chunks(split_dir / "errors.copy")])
+        self._lock_merge(conn)
+        # Under the merge lock (held to the commit): a file this one extends may have been
+        # committed since it was looked for; if so, this load is done again as an extension.
+        if not rejected and self._extension_parent(conn, job) != parent:
+            raise ExtensionRace(f"{name}: a file it extends was loaded meanwhile")
+        self._merge_visitors(conn, split_dir / "visitors.parquet")
+        log.info("%s: statistics copied in %.2fs, errors and visitors in %.2fs", name,
+                 copied - clock, time.perf_counter() - copied)
+        conn.execute(self.db.q("UPDATE {schema}.load_log SET finished_at = clock_timestamp() WHERE id = %s"),
+                     (load_id,))
+        return self.log.result(conn, load_id)
+
+    def _extension_parent(self, conn: psycopg.Connection, job: LoadJob) -> Parent | None:
+        """The largest loaded file whose bytes are all the first bytes of this one, if any."""
+        candidates = conn.execute(self.db.q(PREFIX_CANDIDATES), {
+            "size": job.size, "head": job.head_sha256, "head_bytes": job.head_bytes}).fetchall()
+        if not candidates:
+            return None
+        hashes = job.prefix_sha256([c[3] for c in candidates])
+        for load_id, file_name, sha, size, lines_done in candidates:  # largest first
+            if hashes.get(size) == sha:
+                return Parent(load_id, file_name, lines_done)
+        return None
+
+    def _lock_file(self, conn: psycopg.Connection, sha: str, name: str) -> None:
+        """Per-file advisory lock (transaction-scoped): other files load in parallel."""
+        key = lock_key(sha)
+        got = conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_FILE, key)).fetchone()[0]
+        if got:
+            return
+        log.info("%s is being loaded by another worker or host: waiting up to %.0fs for it",
+                 name, self.db.lock_wait)
+        self._wait_for_lock(conn, LOCK_FILE, key)
+
+    def _lock_merge(self, conn: psycopg.Connection) -> None:
+        """The visitor merges of concurrent loads take turns (held until the commit)."""
+        self._wait_for_lock(conn, LOCK_VISITORS, 0)
+
+    def _wait_for_lock(self, conn: psycopg.Connection, namespace: int, key: int) -> None:
+        """Wait at most ``lock_wait`` (then LockNotAvailable, which is retried)."""
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+            sql.Literal(f"{int(self.db.lock_wait * 1000)}ms")))
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (namespace, key))
+        conn.execute("SET LOCAL lock_timeout = 0")
+
+    def _copy(self, conn: psycopg.Connection, table: str, columns: tuple[str, ...],
+              chunks: Iterable[Iterable[bytes]]) -> None:
+        query = sql.SQL("COPY {table} ({columns}) FROM STDIN").format(
+            table=sql.Identifier(self.db.schema, table),
+            columns=sql.SQL(", ").join(map(sql.Identifier, columns)))
+        with conn.cursor().copy(query) as copy:
+            for part in chunks:
+                for chunk in part:
+                    copy.write(chunk)
+
+    def _copy_statistics(self, conn: psycopg.Connection,
+                         batches: Iterable[pl.DataFrame]) -> dict[int, tuple[str, str, str]]:
+        """COPY the statistics batch by batch; a row the database refuses is left out.
+
+        Each batch is one COPY in a savepoint.  When the database refuses a row (it names the
+        line of the COPY), the rows before it are copied again, the row is set aside with the
+        database's message, and the COPY goes on after it: a bad row costs one more pass over
+        part of its batch, never the file.  Returns ``line_no -> (column, message, row text)``.
+        """
+        refused: dict[int, tuple[str, str, str]] = {}
+        # The next batch is formatted in a thread while the server parses this one.
+        formatted = prefetch((batch, copy_lines(batch)) for batch in batches)
+        for batch, text in formatted:
+            while batch.height:
+                try:
+                    with conn.transaction():
+                        self._copy(conn, "statistics", STATISTICS_COLUMNS, [[text]])
+                    break
+                except ROW_REFUSALS as error:
+                    found = _COPY_LINE.search(error.diag.context or "")
+                    index = int(found.group(1)) - 1 if found else -1
+                    if not 0 <= index < batch.height:
+                        raise  # not a refusal of one row
+                    bad = batch.slice(index, 1)
+                    line_no = bad["line_no"].item()
+                    refused[line_no] = (found.group(2) or "(row)",
+                                        f"the database refused the row: {error.diag.message_primary}",
+                                        copy_lines(bad).decode().rstrip("\n"))
+                    log.warning("%s line %d refused by the database: %s", bad["source_file"].item(),
+                                line_no, error.diag.message_primary)
+                    if index:
+                        with conn.transaction():
+                            self._copy(conn, "statistics", STATISTICS_COLUMNS,
+                                       [[copy_lines(batch.slice(0, index))]])
+                    batch = batch.slice(index + 1)
+                    text = copy_lines(batch)
+        return refused
+
+    def _merge_visitors(self, conn: psycopg.Connection, visitors_path: Path) -> None:
+        """Merge the file's visitor summaries (call under the merge lock)."""
+        summaries = pl.read_parquet(visitors_path)
+        if summaries.height == 0:
+            return
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS visitas_stage (email text, fecha_primera_visita date,"
+            " fecha_ultima_visita date, visitas_totales bigint, visitas_anio_actual bigint,"
+            " visitas_mes_actual bigint) ON COMMIT DELETE ROWS")
+        with conn.cursor().copy(sql.SQL("COPY visitas_stage ({}) FROM STDIN").format(
+                sql.SQL(", ").join(map(sql.Identifier, VISITOR_COLUMNS)))) as copy:
+            for start in range(0, summaries.height, 200_000):
+                copy.write(copy_lines(summaries.slice(start, 200_000).select(VISITOR_COLUMNS)))
+        conn.execute("ANALYZE visitas_stage")  # a temporary table has no statistics otherwise
+        # Merges are serialised (the COPYs above are not): between the UPDATE and the INSERT no
+        # other load adds a visitor.  The merge rule makes the result independent of load order.
+        conn.execute(self.db.q(VISITOR_UPDATE))
+        conn.execute(self.db.q(VISITOR_INSERT))
+
+    # ------------------------------------------------------------------ archive bookkeeping
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(COPY_CHUNK):
+            yield chunk
+
+

@@ -1,0 +1,172 @@
+"""SplitVisitorStats' work: checked batches -> error rows, one summary per visitor, counts.
+
+The statistics rows stay in the checked batches; LoadPostgres formats them for COPY while the
+server loads the previous batch.  A split can be made again for part of a file: the lines of an
+extension, or without the rows the database refused (:class:`LoadJob`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import polars as pl
+
+from visitas import handoff
+from visitas.db.copy_format import copy_lines
+from visitas.transform import contract, visitors
+from visitas.transform.reading import HEAD_BYTES, prefix_sha256
+
+log = logging.getLogger(__name__)
+CHECKED_GLOB = "checked-*.parquet"
+
+def statistics_batches(checked_dir: Path, source_file: str,
+                       after_line: int = 0) -> Iterator[pl.DataFrame]:
+    """The valid rows of each checked batch, typed (what goes into ``statistics``); with
+    ``after_line``, only the lines after it (an extension)."""
+    for part in sorted(checked_dir.glob(CHECKED_GLOB)):
+        checked = _lines_after(pl.scan_parquet(part), after_line)
+        yield contract.statistics_rows(checked, source_file).collect(engine="in-memory")
+
+
+def _lines_after(checked: pl.LazyFrame, after_line: int) -> pl.LazyFrame:
+    return checked.filter(pl.col("line_no") > after_line) if after_line else checked
+
+
+# Rows the database refused (line_no -> column, message, the row as sent): rejected as db_refused.
+Refusals = dict[int, tuple[str, str, str]]
+
+
+def _with_refusals(checked: pl.LazyFrame, refused: Refusals) -> pl.LazyFrame:
+    """Refused rows become rejected rows: a ``db_refused`` error, the row as sent as raw line."""
+    if not refused:
+        return checked
+    found = pl.LazyFrame(
+        [(n, c, m, t) for n, (c, m, t) in refused.items()], orient="row",
+        schema={"line_no": pl.Int64, "_column": pl.String, "_message": pl.String, "_text": pl.String})
+    refusal = pl.struct(pl.col("_column").alias("column_name"),
+                        pl.lit("db_refused").alias("reason"), pl.col("_message").alias("message"))
+    return (checked.join(found, on="line_no", how="left", maintain_order="left")
+            .with_columns(
+                pl.when(pl.col("_message").is_not_null())
+                .then(pl.concat_list(pl.col("errors"), refusal)).otherwise(pl.col("errors"))
+                .alias("errors"),
+                pl.coalesce(pl.col("line"), pl.col("_text")).alias("line"))
+            .drop("_column", "_message", "_text"))
+
+
+VISITS_PER_MERGE = 4_000_000
+
+
+def split_report(checked_dir: Path, source_file: str, out_dir: Path, after_line: int = 0,
+                 refused: Refusals | None = None) -> handoff.SplitSummary:
+    """Checked batches -> ``errors.copy``, ``visitors.parquet`` (one summary per visitor) and
+    ``summary.json`` (the verdict, warnings and counts).
+
+    The statistics rows stay in the checked batches; LoadPostgres formats them for COPY while
+    the server loads the previous batch.  LoadPostgres splits again, into a folder of its own,
+    for the lines of an extension (``after_line``) or without the rows the database refused.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    verdict = handoff.read(checked_dir / handoff.VERDICT_FILE, handoff.SplitSummary)
+    warnings = dict.fromkeys(handoff.WARNING_KINDS, 0)
+    merged: pl.DataFrame | None = None
+    pending: list[pl.DataFrame] = []
+
+    def summarise() -> pl.DataFrame | None:
+        # Memory stays bounded: visits are summarised every few million rows and merged.
+        summary = visitors.visitor_rule(pl.concat(pending).lazy()).collect()
+        pending.clear()
+        if merged is None:
+            return summary
+        return visitors.merge_rule(pl.concat([merged, summary]).lazy()).collect()
+
+    with open(out_dir / "errors.copy", "wb") as errors_out:
+        if verdict.status == "rejected":
+            rejection = contract.FileRejected(verdict.reason or "", verdict.message or "")
+            errors = contract.file_error_row(source_file, rejection, verdict.first_line)
+            errors_out.write(copy_lines(errors))
+            verdict.error_count = 1
+        else:
+            verdict.rows_read = verdict.rows_loaded = verdict.rows_rejected = 0
+        for part in sorted(checked_dir.glob(CHECKED_GLOB)):
+            checked = _with_refusals(_lines_after(pl.scan_parquet(part), after_line), refused or {})
+            errors, visits, counts, rows = pl.collect_all([  # one read of the batch for all
+                contract.error_rows(checked, source_file), contract.visits(checked),
+                contract.warning_counts(checked),
+                checked.select(pl.len().alias("read"),
+                               (pl.col("errors").list.len() > 0).sum().alias("rejected"))])
+            errors_out.write(copy_lines(errors))
+            verdict.error_count += errors.height
+            read, rejected = rows.row(0)
+            verdict.rows_read += read
+            verdict.rows_rejected += rejected
+            verdict.rows_loaded += read - rejected
+            pending.append(visits)
+            for kind, count in counts.row(0, named=True).items():
+                warnings[kind] += count
+            if sum(p.height for p in pending) >= VISITS_PER_MERGE:
+                merged = summarise()
+    if pending:
+        merged = summarise()
+    if verdict.encoding != "mixed":  # a file wholly in Windows-1252 is not a warning
+        warnings["mixed_encoding"] = 0
+    visitor_rows = merged if merged is not None else pl.DataFrame(schema=visitors.SUMMARY_SCHEMA)
+    visitor_rows.write_parquet(out_dir / "visitors.parquet")
+    verdict.warnings = warnings
+    verdict.visitors = visitor_rows.height
+    handoff.write(out_dir / handoff.SUMMARY_FILE, verdict)
+    log.info("%s split: %d statistics rows, %d error rows, %d visitors, warnings %s",
+             source_file, verdict.rows_loaded, verdict.error_count, verdict.visitors, warnings)
+    return verdict
+
+
+@dataclasses.dataclass
+class LoadJob:
+    """One validated and split file, as LoadPostgres hands it to the database."""
+
+    source: Path        # the downloaded file
+    checked_dir: Path   # ValidateReport's output
+    split_dir: Path     # SplitVisitorStats' output
+    work_dir: Path      # where a split of part of the file goes (an extension, refused rows)
+    head_bytes: int = HEAD_BYTES
+
+    def __post_init__(self) -> None:
+        self.summary = handoff.read(self.split_dir / handoff.SUMMARY_FILE, handoff.SplitSummary)
+
+    @property
+    def name(self) -> str:
+        return self.summary.source_file
+
+    @property
+    def sha256(self) -> str:
+        return self.summary.sha256
+
+    @property
+    def head_sha256(self) -> str | None:
+        return self.summary.head_sha256
+
+    @property
+    def size(self) -> int:
+        return self.summary.size
+
+    def statistics(self, after_line: int = 0) -> Iterator[pl.DataFrame]:
+        return statistics_batches(self.checked_dir, self.name, after_line)
+
+    def split(self, after_line: int = 0,
+              refused: Refusals | None = None) -> tuple[handoff.SplitSummary, Path]:
+        """The split of the lines after ``after_line`` without the ``refused`` rows: the one
+        SplitVisitorStats wrote when that is the whole file, else made again here."""
+        if not after_line and not refused:
+            return self.summary, self.split_dir
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        return split_report(self.checked_dir, self.name, self.work_dir, after_line, refused), \
+            self.work_dir
+
+    def prefix_sha256(self, sizes: Iterable[int]) -> dict[int, str]:
+        return prefix_sha256(self.source, sizes)
+
+
