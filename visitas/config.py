@@ -12,8 +12,8 @@ import os
 import luigi
 from luigi.parameter import ParameterVisibility
 
-from visitas.transform import contract
 from visitas.archive import ZIP_LEVELS
+from visitas.transform import contract
 
 PRIVATE = ParameterVisibility.PRIVATE
 

@@ -49,7 +49,7 @@ class SftpSource:
         self._sftp: paramiko.SFTPClient | None = None
 
     @classmethod
-    def from_config(cls) -> "SftpSource":
+    def from_config(cls) -> SftpSource:
         from visitas.config import sftp
 
         cfg = sftp()

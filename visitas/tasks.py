@@ -170,7 +170,7 @@ class LoadPostgres(FileTask):
     def run(self):
         if self.skipped():  # scheduled before another host took it, or left this run
             return
-        started_at = dt.datetime.now(dt.timezone.utc)
+        started_at = dt.datetime.now(dt.UTC)
         self.set_status_message(f"loading {self.file_name}")
         job = split.LoadJob(source=Path(self.input()["download"]["file"].path),
                             checked_dir=Path(self.input()["checked"].path),

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Params
 
 from visitas.db.schema import migrate
 from visitas.runtime import logsetup, retrying
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # libpq keepalives: a server that vanishes without closing the connection (a host down, a
 # network cut) is noticed within about a minute instead of never.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
               "keepalives_count": 3}
 
 
@@ -45,7 +45,7 @@ class Database:
         self._schema_ready = False
 
     @classmethod
-    def from_config(cls) -> "Database":
+    def from_config(cls) -> Database:
         from visitas.config import postgres
 
         cfg = postgres()
@@ -106,3 +106,11 @@ class Database:
         return self.run(what, lambda conn: conn.execute(self.q(template), params).fetchone())
 
     # ------------------------------------------------------------------ markers
+
+
+def scalar(conn: psycopg.Connection, query: str | sql.SQL | sql.Composed, params: Params = ()) -> Any:
+    """The first column of the one row ``query`` returns (a LookupError if none)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError("the query returned no row")
+    return row[0]

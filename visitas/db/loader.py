@@ -21,10 +21,10 @@ import polars as pl
 import psycopg
 from psycopg import sql
 
-from visitas.db.connection import Database
-from visitas.db.locks import LOCK_FILE, LOCK_VISITORS, lock_key
+from visitas.db.connection import Database, scalar
 from visitas.db.copy_format import copy_lines, prefetch
 from visitas.db.loadlog import HANDLED, LoadLog, LoadLogTarget
+from visitas.db.locks import LOCK_FILE, LOCK_VISITORS, lock_key
 from visitas.handoff import LoadResult, SplitSummary
 from visitas.runtime import retrying
 from visitas.transform import contract, visitors
@@ -199,7 +199,7 @@ class Loader:
     def _lock_file(self, conn: psycopg.Connection, sha: str, name: str) -> None:
         """Per-file advisory lock (transaction-scoped): other files load in parallel."""
         key = lock_key(sha)
-        got = conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_FILE, key)).fetchone()[0]
+        got = scalar(conn, "SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_FILE, key))
         if got:
             return
         log.info("%s is being loaded by another worker or host: waiting up to %.0fs for it",
@@ -248,7 +248,7 @@ class Loader:
                 except ROW_REFUSALS as error:
                     found = _COPY_LINE.search(error.diag.context or "")
                     index = int(found.group(1)) - 1 if found else -1
-                    if not 0 <= index < batch.height:
+                    if found is None or not 0 <= index < batch.height:
                         raise  # not a refusal of one row
                     bad = batch.slice(index, 1)
                     line_no = bad["line_no"].item()

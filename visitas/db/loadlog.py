@@ -17,7 +17,7 @@ import psycopg
 import psycopg.rows
 from psycopg import sql
 
-from visitas.db.connection import Database
+from visitas.db.connection import Database, scalar
 from visitas.db.locks import LOCK_RUN
 from visitas.handoff import LoadResult
 from visitas.runtime import logsetup, retrying
@@ -106,7 +106,7 @@ class LoadLog:
             table=sql.Identifier(self.db.schema, "load_log"),
             columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
             values=sql.SQL(", ").join(sql.Placeholder() * len(columns)))
-        return conn.execute(query, list(values.values())).fetchone()[0]
+        return int(scalar(conn, query, list(values.values())))
 
     def result(self, conn: psycopg.Connection, load_id: int) -> LoadResult:
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)

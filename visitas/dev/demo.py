@@ -146,8 +146,8 @@ def _summary(dsn: str, run_id: str, base: Path) -> None:
         print("\nRejected rows by reason (first example):")
         for reason, count, example in reasons:
             print(f"  {reason:<18} {count:>5}  {example}")
-        total = conn.execute("SELECT count(*), sum(visitas_totales) FROM visitor").fetchone()
-        print(f"\nVisitors: {total[0]} with {total[1]} visits in all. The most frequent:")
+        visitors, visits = conn.execute("SELECT count(*), sum(visitas_totales) FROM visitor").fetchall()[0]
+        print(f"\nVisitors: {visitors} with {visits} visits in all. The most frequent:")
         rows = conn.execute(
             "SELECT email, to_char(fecha_primera_visita, 'YYYYMMDD'),"
             " to_char(fecha_ultima_visita, 'YYYYMMDD'), visitas_totales, visitas_anio_actual,"

@@ -105,17 +105,19 @@ def report_frame(rows: int, seed: int, visitors: int, file_index: int,
             "65.49.14.{},65.49.14.{}", pl.col("ip3"), (pl.col("ip3") + 15) % 256)))
         .otherwise(pl.format("187.190.{}.9", pl.col("ip3"))),
         pl.when(pl.col("roll") % 5 == 0).then(_quoted_list(pl.concat_str(pl.col("browser1"), pl.lit(","))))
-        .when(pl.col("roll") % 5 == 1).then(_quoted_list(pl.format("{},{}", pl.col("browser1"), pl.col("browser2"))))
+        .when(pl.col("roll") % 5 == 1)
+        .then(_quoted_list(pl.format("{},{}", pl.col("browser1"), pl.col("browser2"))))
         .otherwise(pl.col("browser1")),
         pl.when(pl.col("roll") % 7 == 0).then(pl.lit("-")).otherwise(pl.col("platform")),
     ]
     names = [f"f{k}" for k in range(15)]
-    frame = frame.with_columns(*[f.alias(n) for f, n in zip(fields, names)],
+    frame = frame.with_columns(*[f.alias(n) for f, n in zip(fields, names, strict=True)],
                                sent_at.alias("sent_at"))
     frame = _plant_defects(frame, defect_rate, s + 12)
     line = pl.concat_str([pl.col(n) for n in names], separator=",")
     line = (
-        pl.when(pl.col("defect") == "field_count_14").then(pl.concat_str([pl.col(n) for n in names[:14]], separator=","))
+        pl.when(pl.col("defect") == "field_count_14")
+        .then(pl.concat_str([pl.col(n) for n in names[:14]], separator=","))
         .when(pl.col("defect") == "field_count_16").then(pl.concat_str(line, pl.lit(",extra")))
         .when(pl.col("defect") == "malformed_quotes").then(pl.concat_str(pl.lit('"'), line))
         .otherwise(line)

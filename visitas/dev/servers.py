@@ -103,7 +103,7 @@ class PostgresCluster:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               cwd=self.base_dir)
 
-    def init(self) -> "PostgresCluster":
+    def init(self) -> PostgresCluster:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.base_dir.chmod(0o755)
         if self._user:
@@ -131,7 +131,7 @@ class PostgresCluster:
             self._port_file.write_text(str(self.port))
         return self
 
-    def start(self) -> "PostgresCluster":
+    def start(self) -> PostgresCluster:
         if not self.is_running():
             self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.base_dir / "server.log"),
                       "-w", "-t", "60", "start")
@@ -225,7 +225,7 @@ class SftpServer:
         self.drop_after_bytes = drop_after_bytes
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "SftpServer":
+    def start(self) -> SftpServer:
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VISITAS_SFTP_PASSWORD": self.password}
         self.process = subprocess.Popen(
@@ -300,7 +300,7 @@ class OpenSshServer:
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "OpenSshServer":
+    def start(self) -> OpenSshServer:
         binary = sshd_path()
         if not binary:
             raise FileNotFoundError("sshd is not installed (apt-get install openssh-server)")
@@ -349,7 +349,7 @@ class SmtpServer:
 
         self._controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
 
-    def start(self) -> "SmtpServer":
+    def start(self) -> SmtpServer:
         self._controller.start()
         return self
 

@@ -70,10 +70,10 @@ def render(rows: list[dict], fmt: str = "table") -> str:
 
     def line(values):
         return "  ".join(v.rjust(w) if num else v.ljust(w)
-                         for v, w, num in zip(values, widths, numeric)).rstrip()
+                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
     out = [line(COLUMNS), line(["-" * w for w in widths])]
-    for row, raw in zip(cells, rows):
+    for row, raw in zip(cells, rows, strict=True):
         out.append(line(row))
         if raw["file_name"] == "TOTAL":
             out.append("")

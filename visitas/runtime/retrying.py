@@ -37,8 +37,8 @@ class ConfigError(PermanentError, ValueError):
 
 
 # ...except these, which no retry will fix.
-PERMANENT = (PermanentError, paramiko.BadHostKeyException, paramiko.AuthenticationException, FileNotFoundError,
-             PermissionError)
+PERMANENT = (PermanentError, paramiko.BadHostKeyException, paramiko.AuthenticationException,
+             FileNotFoundError, PermissionError)
 
 
 def retry_call(what: str, operation: Callable[[], T], attempts: int = 5,

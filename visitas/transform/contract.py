@@ -61,8 +61,8 @@ _QUOTED = r'"(?:[^"]|"")*"'
 
 STATISTICS_SCHEMA: dict[str, pl.DataType] = {name: types[0] for name, types in STATISTICS.items()}
 ERROR_SCHEMA: dict[str, pl.DataType] = {
-    "source_file": pl.String, "line_no": pl.Int64, "column_name": pl.String,
-    "reason": pl.String, "message": pl.String, "raw_line": pl.String,
+    "source_file": pl.String(), "line_no": pl.Int64(), "column_name": pl.String(),
+    "reason": pl.String(), "message": pl.String(), "raw_line": pl.String(),
 }
 _ERROR_STRUCT = pl.Struct({"column_name": pl.String, "reason": pl.String, "message": pl.String})
 # A line longer than this is rejected (``line_too_long``) without being held whole.
@@ -126,7 +126,7 @@ def check_header(header_line: str) -> None:
             f"header has {len(names)} columns, expected {N_COLUMNS}: {line[:200]!r}")
     wrong = [
         f"column {i + 1} is {name!r}, expected {expected!r}"
-        for i, (name, expected) in enumerate(zip(names, HEADER_NAMES))
+        for i, (name, expected) in enumerate(zip(names, HEADER_NAMES, strict=True))
         if expected is not None and _fold(name) != _fold(expected)
     ]
     if wrong:
@@ -139,7 +139,7 @@ def check_header(header_line: str) -> None:
 # --------------------------------------------------------------------------- lines
 
 LINES_SCHEMA: dict[str, pl.DataType] = {
-    "line_no": pl.Int64, "line": pl.String, "cp1252": pl.Boolean, "too_long": pl.Boolean,
+    "line_no": pl.Int64(), "line": pl.String(), "cp1252": pl.Boolean(), "too_long": pl.Boolean(),
 }
 
 
@@ -342,7 +342,7 @@ def type_columns(raw: pl.LazyFrame, email_errors: pl.LazyFrame,
     checks.append((
         ok_row & pl.col("fecha_envio").is_null(), "Fecha envio", "missing_date",
         pl.lit("Fecha envio is empty (required)")))
-    for name, header in zip(DATE_COLUMNS, ("Fecha envio", "Fecha open", "Fecha click")):
+    for name, header in zip(DATE_COLUMNS, ("Fecha envio", "Fecha open", "Fecha click"), strict=True):
         # Years 0001-9999 only: what PostgreSQL's timestamp stores (the parser admits year 0).
         bad = pl.col(name).is_not_null() & (
             ~pl.col(name).str.contains(DATE_PATTERN) | pl.col(f"_{name}").is_null()
@@ -351,7 +351,8 @@ def type_columns(raw: pl.LazyFrame, email_errors: pl.LazyFrame,
             ok_row & bad, header, "invalid_date",
             pl.format("{} {} is not a real date-time in dd/mm/yyyy HH:mm",
                       pl.lit(header), _quoted(pl.col(name)))))
-    for name, header in zip(COUNT_COLUMNS, ("Opens", "Opens virales", "Clicks", "Clicks virales")):
+    count_headers = ("Opens", "Opens virales", "Clicks", "Clicks virales")
+    for name, header in zip(COUNT_COLUMNS, count_headers, strict=True):
         bad = pl.col(name).is_not_null() & ~pl.col(name).str.contains(COUNT_PATTERN)
         checks.append((
             ok_row & bad, header, "invalid_count",

@@ -44,7 +44,8 @@ def inspect_file(path: Path) -> tuple[str, str, int]:
 def prefix_sha256(path: Path, sizes: Iterable[int]) -> dict[int, str]:
     """sha256 of the first ``n`` bytes of the file for each ``n`` in ``sizes``, in one pass."""
     wanted = sorted(set(sizes))
-    digest, done, found = hashlib.sha256(), 0, {}
+    digest, done = hashlib.sha256(), 0
+    found: dict[int, str] = {}
     with open(path, "rb") as handle:
         for size in wanted:
             while done < size:

@@ -7,8 +7,8 @@ Email addresses are validated once per distinct address per file.
 from __future__ import annotations
 
 import collections
-import logging
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -19,8 +19,15 @@ import polars as pl
 
 from visitas import handoff
 from visitas.transform import contract
-from visitas.transform.reading import (BATCH_BYTES, PARALLEL_BATCHES, RawLines, inspect_file,
-                                       iter_raw_lines, read_header, sha256_of)
+from visitas.transform.reading import (
+    BATCH_BYTES,
+    PARALLEL_BATCHES,
+    RawLines,
+    inspect_file,
+    iter_raw_lines,
+    read_header,
+    sha256_of,
+)
 
 log = logging.getLogger(__name__)
 
