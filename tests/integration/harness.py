@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import datetime as dt
 import os
 import shutil
@@ -20,7 +19,17 @@ from psycopg import sql
 from visitas.dev import sample, servers as devservers
 
 REMOTE_DIR = "home/vinkOS/archivosVisitas"
-RETCODES = devservers.RETCODE_SECTION
+# Quick retries and lock waits: the tests' servers are local and their outages deliberate.
+TEST_SETTINGS = """
+[worker]
+keep_alive = false
+[postgres]
+lock_wait = 60
+[retry]
+attempts = 3
+first_delay = 0.2
+max_delay = 1
+"""
 LUIGI = str(Path(sys.executable).with_name("luigi"))
 
 
@@ -44,40 +53,9 @@ class Env:
 
     def write_config(self, extra: str = "") -> None:
         """The test's luigi.cfg; ``extra`` (cfg text) adds sections or overrides keys."""
-        sftp_lines = "\n".join(f"{k} = {v}" for k, v in self.sftp_cfg.items())
-        base = f"""
-[core]
-log_level = INFO
-autoload_range = false
-[worker]
-keep_alive = false
-[sftp]
-{sftp_lines}
-remote_dir = {self.remote_path}
-timeout = 10
-# The tests' uploads are complete before each run.
-min_age = 0
-[postgres]
-dsn = ${{VISITAS_TEST_PIPELINE_DSN}}
-schema = {self.schema}
-lock_wait = 60
-[paths]
-download_dir = {self.download_dir}
-backup_dir = {self.backup_dir}
-state_dir = {self.state_dir}
-[retry]
-attempts = 3
-first_delay = 0.2
-max_delay = 1
-[logfile]
-path = {self.log_file}
-{RETCODES}
-"""
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.read_string(base)
-        parser.read_string(extra)
-        with open(self.config, "w") as handle:
-            parser.write(handle)
+        self.config.write_text(devservers.luigi_config(
+            self.tmp, {**self.sftp_cfg, "remote_dir": self.remote_path, "timeout": 10}, self.schema,
+            TEST_SETTINGS, extra, dsn_variable="VISITAS_TEST_PIPELINE_DSN"))
 
     # ------------------------------------------------------------------ running
 

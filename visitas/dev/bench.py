@@ -99,30 +99,11 @@ class Bench:
 
     def config(self, name: str, workers_dir: Path) -> Path:
         cfg = workers_dir / "luigi.cfg"
-        cfg.write_text(f"""[core]
-log_level = WARNING
-autoload_range = false
-[worker]
-wait_interval = 0.2
-wait_jitter = 0.2
-[sftp]
-host = 127.0.0.1
-port = {self.server.port}
-username = vinkos
-key_file = {self.keys.client_key}
-known_hosts = {self.known_hosts}
-remote_dir = /{REMOTE_DIR}
-min_age = 0
-[postgres]
-dsn = ${{VISITAS_DSN}}
-schema = {name}
-[paths]
-download_dir = {workers_dir / 'download'}
-backup_dir = {workers_dir / 'bckp'}
-state_dir = {workers_dir / 'state'}
-[logfile]
-path = {workers_dir / 'visitas.log'}
-""" + servers.RETCODE_SECTION)
+        sftp = {"host": "127.0.0.1", "port": self.server.port, "username": "vinkos",
+                "key_file": self.keys.client_key, "known_hosts": self.known_hosts,
+                "remote_dir": f"/{REMOTE_DIR}"}
+        cfg.write_text(servers.luigi_config(workers_dir, sftp, name, (
+            "[core]\nlog_level = WARNING\n[worker]\nwait_interval = 0.2\nwait_jitter = 0.2\n")))
         return cfg
 
     def pipeline(self, schema: str, workers: int = 1) -> dict:
@@ -144,7 +125,7 @@ path = {workers_dir / 'visitas.log'}
         if process.returncode != 0:
             raise SystemExit(f"pipeline failed ({process.returncode}): see {run_dir / 'stderr.log'}")
         return {"seconds": seconds, "peak_rss_mb": peak / 1048576,
-                "stages": _stage_seconds(run_dir / "visitas.log")}
+                "stages": _stage_seconds(run_dir / "logs" / "visitas.log")}
 
     def counts(self, schema: str) -> dict:
         with psycopg.connect(self.cluster.dsn()) as conn:

@@ -25,30 +25,10 @@ REMOTE_DIR = "home/vinkOS/archivosVisitas"
 
 
 def _config(base: Path, port: int, keys: servers.SshKeys) -> str:
-    return f"""# Written by the demo: embedded servers on localhost, no secrets in this file.
-[core]
-log_level = INFO
-autoload_range = false
-[sftp]
-host = 127.0.0.1
-port = {port}
-username = vinkos
-key_file = {keys.client_key}
-known_hosts = {base / 'known_hosts'}
-remote_dir = /{REMOTE_DIR}
-# The demo's uploads are complete before it runs (production waits 120 s by default).
-min_age = 0
-[postgres]
-dsn = ${{VISITAS_DSN}}
-schema = visitas
-[paths]
-download_dir = {base / 'download'}
-backup_dir = {base / 'bckp'}
-state_dir = {base / 'state'}
-[logfile]
-path = {base / 'logs' / 'visitas.log'}
-level = WARNING
-""" + servers.RETCODE_SECTION
+    sftp = {"host": "127.0.0.1", "port": port, "username": "vinkos", "key_file": keys.client_key,
+            "known_hosts": base / "known_hosts", "remote_dir": f"/{REMOTE_DIR}"}
+    return ("# Written by the demo: embedded servers on localhost, no secrets in this file.\n"
+            + servers.luigi_config(base, sftp, "visitas", "[logfile]\nlevel = WARNING\n"))
 
 
 def _upload(base: Path, remote: Path) -> list[str]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import configparser
+import io
 import os
 import secrets
 import shutil
@@ -27,15 +29,33 @@ import time
 from pathlib import Path
 
 PG_SYSTEM_USER = "visitas-pg"
-# The exit codes of luigi.cfg, for the configurations written by the demo, tests and benchmark.
-RETCODE_SECTION = """[retcode]
-already_running = 10
-missing_data = 20
-not_run = 25
-task_failed = 30
-scheduling_error = 35
-unhandled_exception = 40
-"""
+# The exit codes of luigi.cfg, for the configurations written here.
+RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30,
+            "scheduling_error": 35, "unhandled_exception": 40}
+
+
+def luigi_config(base: Path, sftp: dict[str, object], schema: str, *overrides: str,
+                 dsn_variable: str = "VISITAS_DSN") -> str:
+    """The luigi.cfg of a throwaway world (the demo, the bench, each integration test): the
+    SFTP server of ``sftp`` (host, port, username, key_file, known_hosts, remote_dir...), the
+    DSN from ``${dsn_variable}`` (never written in the file), folders under ``base``.
+    Each of ``overrides`` (cfg text), in turn, adds sections or replaces keys."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_dict({
+        "core": {"log_level": "INFO", "autoload_range": "false"},
+        # The uploads of a throwaway world are complete before each run.
+        "sftp": {**{k: str(v) for k, v in sftp.items()}, "min_age": "0"},
+        "postgres": {"dsn": f"${{{dsn_variable}}}", "schema": schema},
+        "paths": {"download_dir": str(base / "download"), "backup_dir": str(base / "bckp"),
+                  "state_dir": str(base / "state")},
+        "logfile": {"path": str(base / "logs" / "visitas.log")},
+        "retcode": {k: str(v) for k, v in RETCODES.items()},
+    })
+    for text in overrides:
+        parser.read_string(text)
+    out = io.StringIO()
+    parser.write(out)
+    return out.getvalue()
 
 
 def free_port() -> int:
