@@ -93,7 +93,21 @@ class DownloadReport(FileTask):
         handoff.write(Path(self.output()["remote"].path), handoff.RemoteRecord(remote.size, remote.mtime))
 
 
-class ValidateReport(FileTask):
+class FolderStep(FileTask):
+    """A step whose output is a folder: made under a temporary name, then renamed (atomic)."""
+
+    def run(self):
+        if self.skipped():  # scheduled before another host took it, or left this run
+            return
+        with self.output().temporary_path() as tmp:
+            self.set_status_message(self.make(Path(tmp)))
+
+    def make(self, out: Path) -> str:
+        """Fill ``out``; return the status message luigid shows."""
+        raise NotImplementedError
+
+
+class ValidateReport(FolderStep):
     """File- and row-level checks; typed rows in bounded batches."""
 
     def requires(self):
@@ -102,24 +116,21 @@ class ValidateReport(FileTask):
     def output(self):
         return luigi.LocalTarget(str(self.paths.checked(self.file_name)))
 
-    def run(self):
-        if self.skipped():  # scheduled before another host took it, or left this run
-            return
+    def make(self, out: Path) -> str:
         settings = config.load()
-        with self.output().temporary_path() as tmp:
-            verdict = validate.validate_report(
-                Path(self.input()["file"].path), self.file_name, Path(tmp),
-                settings.batch_mb * 1024 * 1024, settings.parallel_batches,
-                progress=self._progress, max_line_bytes=settings.max_line_bytes)
-        self.set_status_message(f"{verdict.rows_read} rows read, {verdict.rows_rejected} rejected"
-                                if verdict.status == "valid" else f"rejected: {verdict.message}")
+        verdict = validate.validate_report(
+            Path(self.input()["file"].path), self.file_name, out, settings.batch_mb * 1024 * 1024,
+            settings.parallel_batches, progress=self._progress, max_line_bytes=settings.max_line_bytes)
+        if verdict.status != "valid":
+            return f"rejected: {verdict.message}"
+        return f"{verdict.rows_read} rows read, {verdict.rows_rejected} rejected"
 
     def _progress(self, done: int, total: int) -> None:
         self.set_progress_percentage(round(100 * done / max(total, 1)))
         self.set_status_message(f"validated {done // 1048576} of {total // 1048576} MiB")
 
 
-class SplitVisitorStats(FileTask):
+class SplitVisitorStats(FolderStep):
     """Checked rows -> errors (COPY-ready), one visitor summary per email, warnings and counts.
 
     The statistics rows stay in ValidateReport's batches: LoadPostgres formats them for COPY
@@ -131,13 +142,10 @@ class SplitVisitorStats(FileTask):
     def output(self):
         return luigi.LocalTarget(str(self.paths.split(self.file_name)))
 
-    def run(self):
-        if self.skipped():  # scheduled before another host took it, or left this run
-            return
-        with self.output().temporary_path() as tmp:
-            summary = split.split_report(Path(self.input().path), self.file_name, Path(tmp))
-        self.set_status_message(f"{summary.rows_loaded} statistics rows, "
-                                f"{summary.error_count} errors, {summary.visitors} visitors")
+    def make(self, out: Path) -> str:
+        summary = split.split_report(Path(self.input().path), self.file_name, out)
+        return (f"{summary.rows_loaded} statistics rows, {summary.error_count} errors,"
+                f" {summary.visitors} visitors")
 
 
 class PrepareRun(VisitasTask):
