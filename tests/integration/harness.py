@@ -305,7 +305,7 @@ def wait_until_blocked_on_a_lock(env: Env, timeout: float = 60.0, count: int = 1
 
 
 def notify_cfg(smtp, **extra) -> str:
-    """A [notify] section that mails the run report to the test's SMTP server."""
+    """A [notify] section that mails the run mail to the test's SMTP server."""
     lines = ["[notify]", "smtp_host = 127.0.0.1", f"smtp_port = {smtp.port}",
              "sender = visitas@example.com", "recipients = ops@example.com, data@example.com"]
     lines += [f"{k} = {v}" for k, v in extra.items()]

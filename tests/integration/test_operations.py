@@ -1,4 +1,4 @@
-"""Operations against real servers: run-report mail (aiosmtpd), Luigi's crash mail, luigid,
+"""Operations against real servers: run mail (aiosmtpd), Luigi's crash mail, luigid,
 the monthly report command, the process lock."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_no_recipients_no_mail_no_error(make_env, smtp):
     assert "no recipients" in env.log_file.read_text()
 
 
-def test_failed_task_mails_the_run_report_and_luigis_own_error_mail(make_env, smtp):
+def test_a_failed_task_sends_the_run_mail_and_luigis_own_error_mail(make_env, smtp):
     luigi_mail = (f"[email]\nmethod = smtp\nreceiver = oncall@example.com\nsender = luigi@example.com\n"
                   f"force_send = true\n[smtp]\nhost = 127.0.0.1\nport = {smtp.port}\n")
     env = make_env(extra_cfg=notify_cfg(smtp) + luigi_mail)

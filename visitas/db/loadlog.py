@@ -76,7 +76,7 @@ class LoadLog:
                            run_id: str, started_at: dt.datetime, message: str) -> int | None:
         """Write a ``failed`` load_log row and a ``load_error`` errors row in a transaction of
         their own (nothing of the failed load commits).  One try, no retries: the failure may
-        be the database's own; then the run report and the log still have it."""
+        be the database's own; then the run mail and the log still have it."""
         message = logsetup.mask(message, self.db.secrets())[:2000]
 
         def record(conn: psycopg.Connection) -> int:

@@ -49,7 +49,7 @@ def record_failure(task: luigi.Task, error: object) -> None:
 
 
 def record_deferred(file_name: str, why: str) -> None:
-    """A file left at the source this run (still being written): the run report says so."""
+    """A file left at the source this run (still being written): the run mail says so."""
     _append({"kind": "deferred", "file": file_name, "why": why,
              "at": dt.datetime.now().isoformat(timespec="seconds")})
 
@@ -81,9 +81,9 @@ def _at_exit(pid: int, run_date: dt.date) -> None:
     if os.getpid() != pid:  # a forked worker inherited the handler
         return
     try:
-        send_run_report(run_date)
+        send_run_mail(run_date)
     except Exception as error:  # the report must never hide the run's own exit code
-        log.error("could not send the run report: %s", logsetup.mask(str(error)))
+        log.error("could not send the run mail: %s", logsetup.mask(str(error)))
     prune_failure_files()
 
 
@@ -133,7 +133,7 @@ def gather(run_date: dt.date) -> dict:
                 " LIMIT %s"), (ids, limit)).fetchall()
             return files, reasons, errors
 
-        report["files"], report["reasons"], report["errors"] = database.run("run report", read)
+        report["files"], report["reasons"], report["errors"] = database.run("run mail", read)
     except Exception as error:
         report["database_error"] = logsetup.mask(str(error), logsetup.configured_secrets())
     return report
@@ -190,16 +190,16 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
     return message
 
 
-def send_run_report(run_date: dt.date) -> bool:
+def send_run_mail(run_date: dt.date) -> bool:
     """Send this run's report if there is something to report (or always, if configured)."""
     settings = config.notify()
     recipients = [r.strip() for r in settings.recipients.split(",") if r.strip()]
     if not recipients or not settings.smtp_host:
-        log.info("run report: no recipients or no smtp_host configured, no mail")
+        log.info("run mail: no recipients or no smtp_host configured, no mail")
         return False
     report = gather(run_date)
     if not (needs_mail(report) or settings.send_always):
-        log.info("run report: nothing rejected, duplicated or failed, no mail")
+        log.info("run mail: nothing rejected, duplicated, deferred or failed, no mail")
         return False
     message = compose(report, settings.sender, recipients, settings.max_attachment_rows)
     with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=30) as smtp:
@@ -208,5 +208,5 @@ def send_run_report(run_date: dt.date) -> bool:
         if settings.smtp_user:
             smtp.login(settings.smtp_user, settings.smtp_password)
         smtp.send_message(message)
-    log.info("run report sent to %s: %s", ", ".join(recipients), message["Subject"])
+    log.info("run mail sent to %s: %s", ", ".join(recipients), message["Subject"])
     return True

@@ -1,4 +1,4 @@
-"""The run report's pure parts: composing the mail, pruning old failure records."""
+"""The run mail's pure parts: composing the mail, pruning old failure records."""
 
 from visitas.ops import runmail as notify
 
