@@ -8,6 +8,7 @@ section names, as Luigi requires.
 from __future__ import annotations
 
 import os
+import socket
 
 import luigi
 from luigi.parameter import ParameterVisibility
@@ -91,3 +92,15 @@ class logfile(luigi.Config):  # noqa: N801 - [log] would clash with Luigi's --lo
     level = luigi.Parameter(default="INFO")
     max_mb = luigi.IntParameter(default=20)
     backups = luigi.IntParameter(default=10)
+
+
+class cluster(luigi.Config):  # noqa: N801
+    """Several hosts sharing one luigid and one database (README: Past one machine)."""
+
+    host = luigi.Parameter(default="", description="this host's name in task ids, claims and"
+                                                   " load_log; empty: the machine's name")
+    claim_lease = luigi.FloatParameter(
+        default=900.0, description="seconds a host's claim on a file lasts unless it renews it")
+
+    def resolved_host(self) -> str:
+        return self.host or socket.gethostname()

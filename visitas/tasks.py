@@ -6,9 +6,11 @@
 There is one chain per remote file (``DownloadReport`` is the per-file form of the design's
 DownloadReports), so files are independent: a bad file never blocks a good one, and several
 workers or hosts can share a day's files.  Every output is a target, so a rerun skips what is done.
-Only the run date and the file name are task parameters: no secret ever reaches luigid.  A step
-reads what the steps before it made through ``self.input()`` (records of :mod:`visitas.handoff`);
-every derived path comes from :class:`visitas.paths.RunPaths`.
+Task parameters are the run date, the file name and the host (``[cluster] host``): no secret ever
+reaches luigid, and with several hosts on one luigid each host's tasks are its own.  A file is
+processed by the host that claims it (:mod:`visitas.db.claims`); the others skip it this run.  A
+step reads what the steps before it made through ``self.input()`` (records of
+:mod:`visitas.handoff`); every derived path comes from :class:`visitas.paths.RunPaths`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import datetime as dt
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import luigi
@@ -34,9 +38,12 @@ log = logging.getLogger(__name__)
 
 
 class VisitasTask(luigi.Task):
-    """Shared by every step: the run date and where its files live."""
+    """Shared by every step: the run date, the host, and where its files live."""
 
     date = luigi.DateParameter(default=dt.date.today())
+    host = luigi.Parameter(default=socket.gethostname(),
+                           config_path={"section": "cluster", "name": "host"},
+                           description="this host's name ([cluster] host; default: the machine's)")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -64,6 +71,31 @@ class FileTask(VisitasTask):
         # A file skipped this run completes every step of its chain for this run.
         return self.skipped() or super().complete()
 
+    def run(self):
+        """Every step of a file: only while this host holds the file's claim."""
+        if self.skipped():  # scheduled before another host took it, or left this run
+            return
+        claims = db.claims()
+        claim = claims.claim(self.file_name)
+        if not claim.mine:
+            log.info("%s is being handled by host %s: left to it this run", self.file_name,
+                     claim.holder)
+            self.leave()
+            return
+        with _renewing(claims, self.file_name):
+            self.work()
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+    def leave(self) -> None:
+        """This run will not handle the file: its chain completes as skipped, this run only."""
+        _write_atomically(self.paths.deferred(self.file_name), runinfo.run_id())
+
+    def part_of(self, task_class: type[FileTask]) -> FileTask:
+        """Another step of the same file, date and host."""
+        return task_class(date=self.date, host=self.host, file_name=self.file_name)
+
 
 class DownloadReport(FileTask):
     """Fetch one report: temporary name, size and mtime checked, fsync'd, then renamed."""
@@ -72,7 +104,7 @@ class DownloadReport(FileTask):
         return {"file": luigi.LocalTarget(str(self.paths.download(self.file_name))),
                 "remote": luigi.LocalTarget(str(self.paths.remote_record(self.file_name)))}
 
-    def run(self):
+    def work(self):
         self.set_status_message(f"downloading {self.file_name}")
         try:
             sftp.source().download(self.file_name, Path(self.output()["file"].path),
@@ -80,13 +112,15 @@ class DownloadReport(FileTask):
         except sftp.StillBeingWritten as why:
             log.warning("%s left at the source for a later run: %s", self.file_name, why)
             runmail.record_deferred(self.file_name, str(why))
-            _write_atomically(self.paths.deferred(self.file_name), runinfo.run_id())
+            self.leave()
+            db.claims().release(self.file_name)
         except FileNotFoundError:
             if not db.load_log().removed_at_source(self.file_name, self.date):
                 raise
             log.info("%s was loaded and removed by another worker or host: skipping it",
                      self.file_name)
             _write_atomically(self.paths.elsewhere(self.file_name), "")
+            db.claims().release(self.file_name)
 
     def _record(self, remote: sftp.RemoteFile) -> None:
         # Before the download appears under its name: a download on disk always has its record.
@@ -96,9 +130,7 @@ class DownloadReport(FileTask):
 class FolderStep(FileTask):
     """A step whose output is a folder: made under a temporary name, then renamed (atomic)."""
 
-    def run(self):
-        if self.skipped():  # scheduled before another host took it, or left this run
-            return
+    def work(self):
         with self.output().temporary_path() as tmp:
             self.set_status_message(self.make(Path(tmp)))
 
@@ -111,7 +143,7 @@ class ValidateReport(FolderStep):
     """File- and row-level checks; typed rows in bounded batches."""
 
     def requires(self):
-        return DownloadReport(date=self.date, file_name=self.file_name)
+        return self.part_of(DownloadReport)
 
     def output(self):
         return luigi.LocalTarget(str(self.paths.checked(self.file_name)))
@@ -137,7 +169,7 @@ class SplitVisitorStats(FolderStep):
     while the server loads the previous batch."""
 
     def requires(self):
-        return ValidateReport(date=self.date, file_name=self.file_name)
+        return self.part_of(ValidateReport)
 
     def output(self):
         return luigi.LocalTarget(str(self.paths.split(self.file_name)))
@@ -162,10 +194,9 @@ class LoadPostgres(FileTask):
     """One transaction per file: rows, errors, visitors and the load_log row (the marker)."""
 
     def requires(self):
-        return {"download": DownloadReport(date=self.date, file_name=self.file_name),
-                "checked": ValidateReport(date=self.date, file_name=self.file_name),
-                "split": SplitVisitorStats(date=self.date, file_name=self.file_name),
-                "run": PrepareRun(date=self.date)}
+        return {"download": self.part_of(DownloadReport), "checked": self.part_of(ValidateReport),
+                "split": self.part_of(SplitVisitorStats),
+                "run": PrepareRun(date=self.date, host=self.host)}
 
     def verdict(self) -> handoff.Verdict | None:
         path = Path(self.input()["checked"].path) / handoff.VERDICT_FILE
@@ -175,9 +206,7 @@ class LoadPostgres(FileTask):
         verdict = self.verdict()
         return db.LoadLogTarget(self.file_name, verdict and verdict.sha256, self.date)
 
-    def run(self):
-        if self.skipped():  # scheduled before another host took it, or left this run
-            return
+    def work(self):
         started_at = dt.datetime.now(dt.UTC)
         self.set_status_message(f"loading {self.file_name}")
         job = split.LoadJob(source=Path(self.input()["download"]["file"].path),
@@ -221,16 +250,13 @@ class ArchiveZip(FileTask):
     """Zip, fsync and verify; only then delete at the source and locally."""
 
     def requires(self):
-        return {"load": LoadPostgres(date=self.date, file_name=self.file_name),
-                "download": DownloadReport(date=self.date, file_name=self.file_name),
-                "checked": ValidateReport(date=self.date, file_name=self.file_name)}
+        return {"load": self.part_of(LoadPostgres), "download": self.part_of(DownloadReport),
+                "checked": self.part_of(ValidateReport)}
 
     def output(self):
         return luigi.LocalTarget(str(self.paths.archived(self.file_name)))
 
-    def run(self):
-        if self.skipped():  # scheduled before another host took it, or left this run
-            return
+    def work(self):
         downloaded = self.input()["download"]
         verdict = handoff.read(Path(self.input()["checked"].path) / handoff.VERDICT_FILE,
                                handoff.Verdict)
@@ -252,6 +278,7 @@ class ArchiveZip(FileTask):
         shutil.rmtree(self.paths.state(self.file_name), ignore_errors=True)
         with self.output().temporary_path() as tmp:
             handoff.write(Path(tmp), handoff.Archived(where, status, verdict.sha256, removed))
+        db.claims().release(self.file_name)
 
     def _unchanged_at_source(self, source: sftp.SftpSource, record: Path) -> bool:
         """Never delete a file the partner replaced or touched after we downloaded it: its
@@ -275,9 +302,11 @@ class ArchiveZip(FileTask):
 
 
 class RunAll(luigi.WrapperTask):
-    """Everything for one run date: every report currently on the server, each to the end."""
+    """Everything for one run date: every report currently on the server, each to the end (or
+    left to the host that claimed it)."""
 
     date = luigi.DateParameter(default=dt.date.today())
+    host = VisitasTask.host
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -297,7 +326,7 @@ class RunAll(luigi.WrapperTask):
         """A file's chain, smaller files first: a stalled partial upload on the server beside its
         completed version loads before it, so the completion is taken as its extension.  (Luigi's
         scheduler passes a task's priority on to the steps it requires.)"""
-        task = ArchiveZip(date=self.date, file_name=report.name)
+        task = ArchiveZip(date=self.date, host=self.host, file_name=report.name)
         task.priority = rank
         return task
 
@@ -313,6 +342,27 @@ class RunAll(luigi.WrapperTask):
         log.warning("%s left at the source for a later run: %s", report.name, why)
         runmail.record_deferred(report.name, why)
         return False
+
+
+@contextlib.contextmanager
+def _renewing(claims: db.Claims, file_name: str) -> Iterator[None]:
+    """Renew the claim on the file every third of its lease while a step runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(claims.lease / 3):
+            try:
+                claims.renew(file_name)
+            except Exception as error:  # the next step's claim says whether the file is still ours
+                log.warning("could not renew the claim on %s: %s", file_name, error)
+
+    heart = threading.Thread(target=beat, name=f"claim-{file_name}", daemon=True)
+    heart.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        heart.join()
 
 
 def _write_atomically(path: Path, text: str) -> None:

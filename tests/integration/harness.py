@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import datetime as dt
 import os
 import shutil
@@ -76,17 +77,35 @@ class Env:
         return run_measured([LUIGI, "--module", "visitas", task, *scheduler, *args],
                             cwd=self.tmp, env=environment, timeout=timeout)
 
-    def popen(self, *args: str, env: dict | None = None) -> "Running":
+    def popen(self, *args: str, env: dict | None = None,
+              scheduler_port: int | None = None) -> "Running":
         """Start the command in the background; its output goes to a file (never a full pipe)."""
         environment = self.environment(env)
         environment.pop("VISITAS_RUN_ID", None)
         self._runs = getattr(self, "_runs", 0) + 1
         output = self.tmp / f"run-{self._runs}.out"
+        scheduler = (["--scheduler-host", "127.0.0.1", "--scheduler-port", str(scheduler_port)]
+                     if scheduler_port else ["--local-scheduler"])
         with open(output, "w") as handle:
             process = subprocess.Popen(
-                [LUIGI, "--module", "visitas", "RunAll", "--local-scheduler", *args], cwd=self.tmp,
+                [LUIGI, "--module", "visitas", "RunAll", *scheduler, *args], cwd=self.tmp,
                 env=environment, stdout=handle, stderr=subprocess.STDOUT, text=True)
         return Running(process, output)
+
+    def host_config(self, name: str, extra: str = "") -> dict:
+        """Another host: its own download, state, backup and log folders, ``[cluster] host``
+        ``name``, the same database and SFTP server.  Returns the environment of its runs."""
+        folder = self.tmp / name
+        folder.mkdir(exist_ok=True)
+        cfg = self.config.read_text()
+        for mine in (self.download_dir, self.state_dir, self.backup_dir, self.log_file.parent):
+            cfg = cfg.replace(str(mine), str(folder / mine.name))
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(cfg)
+        parser.read_string(f"[cluster]\nhost = {name}\n" + extra)
+        with open(folder / "luigi.cfg", "w") as handle:
+            parser.write(handle)
+        return {"LUIGI_CONFIG_PATH": str(folder / "luigi.cfg")}
 
     # ------------------------------------------------------------------ data
 
@@ -114,9 +133,11 @@ class Env:
     def local_files(self) -> list[Path]:
         return [p for p in self.download_dir.rglob("*") if p.is_file()] if self.download_dir.exists() else []
 
-    def zip_members(self) -> dict[str, bytes]:
+    def zip_members(self, *hosts: str) -> dict[str, bytes]:
+        """The backups' members, of this env's folders and of ``hosts``' (host_config)."""
         members: dict[str, bytes] = {}
-        for path in sorted(self.backup_dir.glob("visitas_*.zip")):
+        folders = [self.backup_dir, *(self.tmp / host / self.backup_dir.name for host in hosts)]
+        for path in sorted(p for folder in folders for p in folder.glob("visitas_*.zip")):
             with zipfile.ZipFile(path) as archive:
                 for name in archive.namelist():
                     members[f"{path.name}:{name}"] = archive.read(name)
@@ -221,7 +242,7 @@ class Running:
         return self.output.read_text()
 
 
-def assert_exactly_once(env: Env, *manifests: dict) -> None:
+def assert_exactly_once(env: Env, *manifests: dict, hosts: tuple[str, ...] = ()) -> None:
     """How every fault and outage test ends: each file loaded once (and nothing else recorded),
     statistics and visitors as the rule over all visits, every file in a backup zip, nothing left
     at the source or in the download folder."""
@@ -234,10 +255,12 @@ def assert_exactly_once(env: Env, *manifests: dict) -> None:
     truth = env.truth(*manifests)
     assert env.query("SELECT count(*) FROM statistics") == [(truth.height,)]
     assert_frame_equal(env.visitors(), expected_visitors(truth))
-    members = [name.split(":", 1)[1] for name in env.zip_members()]
+    members = [name.split(":", 1)[1] for name in env.zip_members(*hosts)]
     assert sorted(members) == files
     assert env.remote_reports() == []
     assert env.local_files() == []
+    for host in hosts:
+        assert [p for p in (env.tmp / host / env.download_dir.name).rglob("*") if p.is_file()] == []
 
 
 VISITOR_SCHEMA = {

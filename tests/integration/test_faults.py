@@ -114,49 +114,38 @@ def test_full_backup_disk_deletes_nothing(env):
     assert_exactly_once(env, manifest)
 
 
-def _second_host(env, tmp_path):
-    """Another host's luigi.cfg: its own download, state, backup and log folders."""
-    other = tmp_path / "host2"
-    other.mkdir()
-    cfg = env.config.read_text()
-    for mine in (env.download_dir, env.state_dir, env.backup_dir, env.log_file):
-        cfg = cfg.replace(str(mine), str(other / mine.name))
-    (other / "luigi.cfg").write_text(cfg)
-    return other
-
-
 def test_two_hosts_overlapping_share_the_files_and_count_each_once(make_env, tmp_path):
     """Host A commits its first file and is held at that file's archive step while host B runs
-    (separate folders, one database and SFTP server): B finds A's file handled and loads the
-    others; A then finds them gone from the source and skips them.  Both loaded files, both
+    (separate folders, one database and SFTP server): B leaves A's claimed file to A and loads
+    the others; A then finds them gone from the source and skips them.  Both loaded files, both
     exit 0, counters exact."""
     env = make_env()
     manifest = env.generate(files=6, rows=400, visitors=80)
-    other = _second_host(env, tmp_path)
+    host_b = env.host_config("host-b")
     env.backup_dir.mkdir(mode=0o700)
     lock_file = env.backup_dir / f".visitas_{time.strftime('%Y%m%d')}.zip.lock"
     with open(lock_file, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # host A's archive step waits here
         host_a = env.popen("--no-lock")
         assert wait_for(lambda: env.load_count() == 1, 60)
-        host_b = env.luigi("--no-lock", env={"LUIGI_CONFIG_PATH": str(other / "luigi.cfg")})
+        run_b = env.luigi("--no-lock", env=host_b)
         assert host_a.returncode is None  # A was still running the whole time B ran
         fcntl.flock(handle, fcntl.LOCK_UN)
     out_a, _ = host_a.communicate()
     assert host_a.returncode == 0, out_a[-3000:]
-    assert host_b.returncode == 0, host_b.stderr[-3000:]
+    assert run_b.returncode == 0, run_b.stderr[-3000:]
 
     loaded_by = env.query("SELECT run_id, count(*) FROM load_log WHERE status = 'loaded'"
                           " GROUP BY run_id ORDER BY count(*)")
     assert [n for _, n in loaded_by] == [1, 5]  # both hosts loaded files
-    assert "was already handled" in host_b.stderr  # B met A's file
+    assert "is being handled by host" in run_b.stderr  # B left A's claimed file to A
     assert out_a.count("was loaded and removed by another worker or host: skipping it") == 5
     assert env.query("SELECT file_name FROM load_log WHERE status = 'loaded'"
                      " GROUP BY file_name HAVING count(*) > 1") == []
     assert_frame_equal(env.visitors(), expected_visitors(env.truth(manifest)))
     assert env.remote_reports() == []
     archived = {name.split(":", 1)[1] for name in env.zip_members()}
-    for path in (other / "bckp").glob("visitas_*.zip"):
+    for path in (env.tmp / "host-b" / "bckp").glob("visitas_*.zip"):
         with zipfile.ZipFile(path) as archive:
             archived |= set(archive.namelist())
     assert archived == set(manifest["files"])
@@ -166,13 +155,10 @@ def test_a_file_taken_by_another_host_is_skipped_not_failed(env, tmp_path):
     """Host 2 listed report_1.txt, but host 1 loaded and removed it before host 2 downloaded it."""
     env.generate(files=1, rows=50)
     assert env.luigi().returncode == 0  # host 1
-    other = _second_host(env, tmp_path)
-    host2 = env.luigi("--file-name", "report_1.txt", task="ArchiveZip",
-                      env={"LUIGI_CONFIG_PATH": str(other / "luigi.cfg")})
+    host2 = env.luigi("--file-name", "report_1.txt", task="ArchiveZip", env=env.host_config("host-b"))
     assert host2.returncode == 0, host2.stderr[-3000:]
     assert "was loaded and removed by another worker or host" in host2.stderr
     assert [r[1] for r in env.loads()] == ["loaded"]
 
-    missing = env.luigi("--file-name", "report_7.txt", task="ArchiveZip",
-                        env={"LUIGI_CONFIG_PATH": str(other / "luigi.cfg")})
+    missing = env.luigi("--file-name", "report_7.txt", task="ArchiveZip", env=env.host_config("host-b"))
     assert missing.returncode == 30  # gone without a trace in load_log: a real error

@@ -114,12 +114,14 @@ def test_monthly_report_command(env):
         assert (t["files_loaded"], t["rows_read"], t["rows_loaded"], t["rows_rejected"]) == (
             files, read, loaded, rejected)
     table = report("--month", "2026-10").splitlines()
-    assert table[0].split() == ["month", "file_name", "files_loaded", "files_rejected",
+    assert table[0].split() == ["month", "file_name", "host", "files_loaded", "files_rejected",
                                 "files_duplicate", "rows_read", "rows_loaded", "rows_rejected"]
     assert len({len(line) for line in table[:4]}) == 1  # aligned columns
     assert "2026-11" not in "\n".join(table)
     lines = report("--month", "2026-11", "--format", "csv").splitlines()
-    assert lines[0].startswith("month,file_name") and lines[-1].startswith("2026-11,TOTAL,1,")
+    assert lines[0].startswith("month,file_name,host") and lines[-1].startswith("2026-11,TOTAL,,1,")
+    hosts = {r["host"] for r in rows if r["file_name"] != "TOTAL"}
+    assert hosts == {h for (h,) in env.query("SELECT DISTINCT host FROM load_log")} and "" not in hosts
 
 
 def test_luigid_shows_every_task_done_and_no_secret(make_env, luigid):

@@ -18,6 +18,7 @@ import pytest
 
 from visitas import db, sftp, tasks
 from visitas.dev import sample
+from visitas.db.claims import Claim
 from visitas.handoff import LoadResult
 from visitas.ops import runmail
 
@@ -124,6 +125,24 @@ class FakeDatabase:
         return LoadResult(row.id, row.status, row.rows_read, row.rows_loaded, row.rows_rejected)
 
 
+class FakeClaims:
+    """Every file is this host's (claims between hosts are the integration tests' business)."""
+
+    lease = 3600.0
+
+    def __init__(self):
+        self.released: list[str] = []
+
+    def claim(self, file_name):
+        return Claim(True, "here")
+
+    def renew(self, file_name):
+        pass
+
+    def release(self, file_name):
+        self.released.append(file_name)
+
+
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     remote = tmp_path / "remote"
@@ -148,6 +167,8 @@ def world(tmp_path, monkeypatch):
     monkeypatch.setattr(sftp, "source", lambda: source)
     monkeypatch.setattr(db, "load_log", lambda: database)
     monkeypatch.setattr(db, "loader", lambda: database)
+    claims = FakeClaims()
+    monkeypatch.setattr(db, "claims", lambda: claims)
     monkeypatch.setattr(runmail, "send_at_exit", lambda run_date: None)  # mailed in integration
     yield source, database, manifest, tmp_path
     for section in config.sections():

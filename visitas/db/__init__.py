@@ -5,13 +5,14 @@ format (:mod:`.copy_format`).
 Each process has its own handles (a connection does not survive Luigi's fork of a worker).
 """
 
+from visitas.db.claims import Claims
 from visitas.db.connection import Database
 from visitas.db.loader import Loader
 from visitas.db.loadlog import LoadLog, LoadLogTarget, RunLogTarget
 from visitas.db.locks import LOCK_FILE, LOCK_RUN, LOCK_SCHEMA, LOCK_VISITORS
 from visitas.runtime.runinfo import per_process
 
-__all__ = ["LOCK_FILE", "LOCK_RUN", "LOCK_SCHEMA", "LOCK_VISITORS", "Database", "LoadLog",
+__all__ = ["Claims", "LOCK_FILE", "LOCK_RUN", "LOCK_SCHEMA", "LOCK_VISITORS", "Database", "LoadLog",
            "LoadLogTarget", "Loader", "RunLogTarget", "database", "load_log", "loader"]
 
 
@@ -27,3 +28,12 @@ def load_log() -> LoadLog:
 
 def loader() -> Loader:
     return Loader(database())
+
+
+def claims() -> Claims:
+    """Claims of this host and run on the files at the source."""
+    from visitas import config
+    from visitas.runtime import runinfo
+
+    settings = config.cluster()
+    return Claims(database(), settings.resolved_host(), runinfo.run_id(), settings.claim_lease)

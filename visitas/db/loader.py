@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import logging
 import re
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -133,7 +132,7 @@ class Loader:
         loaded = conn.execute(self.db.q(
             "SELECT id, file_name, run_date FROM {schema}.load_log"
             " WHERE sha256 = %s AND status = 'loaded'"), (sha,)).fetchone()
-        common = dict(size_bytes=job.size, run_id=run_id, host=socket.gethostname(),
+        common = dict(size_bytes=job.size, run_id=run_id, host=_host(),
                       encoding=job.summary.encoding, started_at=started_at)
         self.log.supersede_failures(conn, sha)
         if loaded:
@@ -293,3 +292,8 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
+def _host() -> str:
+    """This host's name in load_log ([cluster] host)."""
+    from visitas import config
+
+    return config.cluster().resolved_host()

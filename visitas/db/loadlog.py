@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import socket
 from typing import Any
 
 import luigi
@@ -82,7 +81,7 @@ class LoadLog:
         def record(conn: psycopg.Connection) -> int:
             load_id = self.insert(
                 conn, file_name=file_name, sha256=sha256, size_bytes=size, run_date=run_date,
-                run_id=run_id, host=socket.gethostname(), status="failed", reason="load_error",
+                run_id=run_id, host=_host(), status="failed", reason="load_error",
                 message=message, started_at=started_at)
             conn.execute(self.db.q(
                 "INSERT INTO {schema}.errors (source_file, line_no, column_name, reason, message,"
@@ -179,3 +178,10 @@ class RunLogTarget(luigi.Target):
         from visitas.db import load_log
 
         return load_log().run_prepared(self.run_date)
+
+
+def _host() -> str:
+    """This host's name in load_log ([cluster] host)."""
+    from visitas import config
+
+    return config.cluster().resolved_host()

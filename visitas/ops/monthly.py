@@ -1,4 +1,4 @@
-"""The monthly report from the load log (bitácora): files and rows processed, per month and file."""
+"""The monthly summary from the load log (bitácora): files and rows processed, per month, file and host."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import psycopg.rows
 
 COUNTS = ("files_loaded", "files_rejected", "files_duplicate", "rows_read", "rows_loaded",
           "rows_rejected")
-COLUMNS = ("month", "file_name") + COUNTS
+COLUMNS = ("month", "file_name", "host") + COUNTS
 
 QUERY = """
-SELECT to_char(run_date, 'YYYY-MM') AS month, file_name,
+SELECT to_char(run_date, 'YYYY-MM') AS month, file_name, coalesce(host, '') AS host,
        count(*) FILTER (WHERE status = 'loaded') AS files_loaded,
        count(*) FILTER (WHERE status = 'rejected') AS files_rejected,
        count(*) FILTER (WHERE status = 'duplicate') AS files_duplicate,
@@ -24,7 +24,7 @@ SELECT to_char(run_date, 'YYYY-MM') AS month, file_name,
        sum(rows_rejected)::bigint AS rows_rejected
 FROM {schema}.load_log
 WHERE run_date >= %s AND run_date < %s
-GROUP BY 1, 2
+GROUP BY 1, 2, 3
 ORDER BY 1, min(id)
 """
 
@@ -48,7 +48,7 @@ def monthly_rows(database, first: dt.date, last: dt.date) -> list[dict]:
     for month in months:
         files = [r for r in rows if r["month"] == month]
         result.extend(files)
-        result.append({"month": month, "file_name": "TOTAL",
+        result.append({"month": month, "file_name": "TOTAL", "host": "",
                        **{c: sum(r[c] for r in files) for c in COUNTS}})
     return result
 

@@ -1,0 +1,69 @@
+"""Claims on the files at the source: each file wholly on one host.
+
+A host claims a file before it downloads it (``file_claims``, one row per file name) and holds
+the claim, renewing its lease, until the file is archived and removed; then it deletes the row.
+A live claim of another host means: not this host's file, this run.  A claim whose lease ran out
+(its host died or hung) is taken over by whoever asks next; so is one of this host's own earlier
+runs (a host runs one `visitas` at a time: Luigi's process lock).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from visitas.db.connection import Database
+
+log = logging.getLogger(__name__)
+
+CLAIM = """
+INSERT INTO {schema}.file_claims AS c (file_name, host, run_id, lease_until)
+VALUES (%(file)s, %(host)s, %(run_id)s, now() + %(lease)s * interval '1 second')
+ON CONFLICT (file_name) DO UPDATE SET host = excluded.host, run_id = excluded.run_id,
+    claimed_at = now(), lease_until = excluded.lease_until
+WHERE c.lease_until < now() OR c.run_id = excluded.run_id OR c.host = excluded.host
+RETURNING c.host
+"""
+
+
+class ClaimLost(RuntimeError):
+    """This host's claim on a file expired and another host took the file over."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    mine: bool
+    holder: str
+
+
+class Claims:
+    def __init__(self, database: Database, host: str, run_id: str, lease: float):
+        self.db, self.host, self.run_id, self.lease = database, host, run_id, lease
+
+    def claim(self, file_name: str) -> Claim:
+        """Claim ``file_name`` for this host, unless another host holds a live claim on it."""
+        params = {"file": file_name, "host": self.host, "run_id": self.run_id, "lease": self.lease}
+
+        def attempt(conn) -> Claim:
+            if conn.execute(self.db.q(CLAIM), params).fetchone():
+                return Claim(True, self.host)
+            row = conn.execute(self.db.q("SELECT host FROM {schema}.file_claims WHERE file_name = %s"),
+                               (file_name,)).fetchone()
+            return Claim(False, row[0] if row else "?")
+
+        return self.db.run(f"claiming {file_name}", attempt)
+
+    def renew(self, file_name: str) -> None:
+        """Extend this host's lease; ClaimLost if the file is no longer this host's."""
+        renewed = self.db.run(f"renewing the claim on {file_name}", lambda conn: conn.execute(
+            self.db.q("UPDATE {schema}.file_claims SET lease_until = now() + %s * interval '1 second'"
+                      " WHERE file_name = %s AND run_id = %s"),
+            (self.lease, file_name, self.run_id)).rowcount)
+        if not renewed:
+            raise ClaimLost(f"{file_name}: this host's claim expired and another host took the file"
+                            " over (raise [cluster] claim_lease if steps take longer than it)")
+
+    def release(self, file_name: str) -> None:
+        self.db.run(f"releasing {file_name}", lambda conn: conn.execute(self.db.q(
+            "DELETE FROM {schema}.file_claims WHERE file_name = %s AND run_id = %s"),
+            (file_name, self.run_id)))
