@@ -13,8 +13,9 @@ In one run, on throwaway servers on localhost (PostgreSQL with fsync on, the emb
    the peak RSS of its process tree sampled every 50 ms;
 4. prints rows, floor and pipeline seconds, their ratio, per-stage seconds, the peak RSS, and the
    row counts in ``statistics``, ``errors`` and ``visitor`` checked against what was planted;
-5. with ``--many-files N``: N files of ``--many-rows`` rows (1,000) in one run, and again with
-   ``--workers 2``.
+5. with ``--many-files N``: N files of ``--many-rows`` rows (1,000) in one run with ``--workers 1``,
+   again with ``--workers 2``, and again as two hosts at once under one luigid (each with its
+   own folders and ``[cluster] host``; on this one machine, so they share its cores).
 
 It asserts nothing about time: it prints figures.
 """
@@ -127,6 +128,43 @@ class Bench:
         return {"seconds": seconds, "peak_rss_mb": peak / 1048576,
                 "stages": _stage_seconds(run_dir / "logs" / "visitas.log")}
 
+    def pipeline_hosts(self, schema: str, hosts: int = 2) -> dict:
+        """``hosts`` runs at once, each with its own folders and [cluster] host, one luigid."""
+        with psycopg.connect(self.cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        base = self.base / f"run-{schema}"
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir()
+        port = servers.free_port()
+        bin_dir = Path(sys.executable).parent
+        luigid = subprocess.Popen([str(bin_dir / "luigid"), "--port", str(port), "--address", "127.0.0.1",
+                                   "--state-path", str(base / "luigid.pickle"), "--logdir", str(base)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            servers.wait_for_port(port)
+            runs = []
+            _settle()
+            start = time.perf_counter()
+            for n in range(hosts):
+                run_dir = base / f"host{n + 1}"
+                run_dir.mkdir()
+                cfg = self.config(schema, run_dir)
+                cfg.write_text(cfg.read_text() + f"\n[cluster]\nhost = bench-host-{n + 1}\n")
+                env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg), "VISITAS_DSN": self.cluster.dsn()}
+                runs.append((run_dir, subprocess.Popen(
+                    [str(bin_dir / "luigi"), "--module", "visitas", "RunAll", "--no-lock",
+                     "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)],
+                    cwd=run_dir, env=env, stdout=subprocess.DEVNULL,
+                    stderr=open(run_dir / "stderr.log", "w"))))
+            for run_dir, process in runs:
+                if process.wait() != 0:
+                    raise SystemExit(f"host run failed ({process.returncode}): see {run_dir / 'stderr.log'}")
+            seconds = time.perf_counter() - start
+        finally:
+            luigid.terminate()
+            luigid.wait(10)
+        return {"seconds": seconds}
+
     def counts(self, schema: str) -> dict:
         with psycopg.connect(self.cluster.dsn()) as conn:
             def one(q):
@@ -225,14 +263,19 @@ def main(argv: list[str] | None = None) -> int:
             many = bench.base / "many"
             shutil.rmtree(many, ignore_errors=True)
             sample.generate(many, files=args.many_files, rows=args.many_rows, seed=7, defects=0.01)
-            for workers in (1, 2):
+            modes = [("--workers 1", 1, 1), ("--workers 2", 2, 1), ("2 hosts, one luigid", 1, 2)]
+            for label, workers, hosts in modes:
                 for path in many.glob("report_*.txt"):
                     shutil.copyfile(path, bench.remote / path.name)
-                result = bench.pipeline(f"many{workers}", workers)
-                counts = bench.counts(f"many{workers}")
-                print(f"{args.many_files} files x {args.many_rows:,} rows, --workers {workers}: "
-                      f"{result['seconds']:.1f}s ({1000 * result['seconds'] / args.many_files:.0f} ms/file), "
-                      f"{counts['files_loaded']} files loaded, peak RSS {result['peak_rss_mb']:.0f} MiB")
+                schema = f"bench_many_{workers}w_{hosts}h"
+                result = (bench.pipeline(schema, workers) if hosts == 1
+                          else bench.pipeline_hosts(schema, hosts))
+                counts = bench.counts(schema)
+                rss = f", peak RSS {result['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in result else ""
+                print(f"{args.many_files} files x {args.many_rows:,} rows, {label}: "
+                      f"{result['seconds']:.1f}s ({60 * args.many_files / result['seconds']:.0f} files/min,"
+                      f" {1000 * result['seconds'] / args.many_files:.0f} ms/file), "
+                      f"{counts['files_loaded']} files loaded{rss}")
         return 0 if ok else 1
     finally:
         bench.close()
