@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from visitas.db.connection import Database
 
@@ -24,6 +25,19 @@ ON CONFLICT (file_name) DO UPDATE SET host = excluded.host, run_id = excluded.ru
 WHERE c.lease_until < now() OR c.run_id = excluded.run_id OR c.host = excluded.host
 RETURNING c.host
 """
+
+
+# A claim is a lease, not data: exactly once rests on the load's own transaction.  Its writes
+# need not wait for the WAL to reach the disk (a crash may lose a renewal, which at worst lets
+# another host take the file over sooner).  Measured: with fsync on, waiting cost about 30 ms
+# per file of 1,000 rows (five steps, a claim each), a quarter of its time.
+_NO_WAIT = "SET LOCAL synchronous_commit = off"
+
+
+# (schema, file, run id) -> when this process last took or renewed that claim (monotonic).  A
+# claim held for less than half its lease cannot have expired, so nobody can have taken it: the
+# next step in the same process skips the database (with one worker, every step of a file).
+_held: dict[tuple[str, str, str], float] = {}
 
 
 class ClaimLost(RuntimeError):
@@ -40,30 +54,51 @@ class Claims:
     def __init__(self, database: Database, host: str, run_id: str, lease: float):
         self.db, self.host, self.run_id, self.lease = database, host, run_id, lease
 
+    def _key(self, file_name: str) -> tuple[str, str, str]:
+        return (self.db.schema, file_name, self.run_id)
+
     def claim(self, file_name: str) -> Claim:
         """Claim ``file_name`` for this host, unless another host holds a live claim on it."""
+        held = _held.get(self._key(file_name))
+        if held is not None and time.monotonic() - held < self.lease / 2:
+            return Claim(True, self.host)
         params = {"file": file_name, "host": self.host, "run_id": self.run_id, "lease": self.lease}
+        asked = time.monotonic()
 
         def attempt(conn) -> Claim:
+            conn.execute(_NO_WAIT)
             if conn.execute(self.db.q(CLAIM), params).fetchone():
                 return Claim(True, self.host)
             row = conn.execute(self.db.q("SELECT host FROM {schema}.file_claims WHERE file_name = %s"),
                                (file_name,)).fetchone()
             return Claim(False, row[0] if row else "?")
 
-        return self.db.run(f"claiming {file_name}", attempt)
+        claim = self.db.run(f"claiming {file_name}", attempt)
+        if claim.mine:
+            _held[self._key(file_name)] = asked
+        return claim
 
     def renew(self, file_name: str) -> None:
         """Extend this host's lease; ClaimLost if the file is no longer this host's."""
-        renewed = self.db.run(f"renewing the claim on {file_name}", lambda conn: conn.execute(
-            self.db.q("UPDATE {schema}.file_claims SET lease_until = now() + %s * interval '1 second'"
-                      " WHERE file_name = %s AND run_id = %s"),
-            (self.lease, file_name, self.run_id)).rowcount)
+        def renew(conn) -> int:
+            conn.execute(_NO_WAIT)
+            return conn.execute(self.db.q(
+                "UPDATE {schema}.file_claims SET lease_until = now() + %s * interval '1 second'"
+                " WHERE file_name = %s AND run_id = %s"), (self.lease, file_name, self.run_id)).rowcount
+
+        asked = time.monotonic()
+        renewed = self.db.run(f"renewing the claim on {file_name}", renew)
         if not renewed:
+            _held.pop(self._key(file_name), None)
             raise ClaimLost(f"{file_name}: this host's claim expired and another host took the file"
                             " over (raise [cluster] claim_lease if steps take longer than it)")
+        _held[self._key(file_name)] = asked
 
     def release(self, file_name: str) -> None:
-        self.db.run(f"releasing {file_name}", lambda conn: conn.execute(self.db.q(
-            "DELETE FROM {schema}.file_claims WHERE file_name = %s AND run_id = %s"),
-            (file_name, self.run_id)))
+        def release(conn) -> None:
+            conn.execute(_NO_WAIT)
+            conn.execute(self.db.q("DELETE FROM {schema}.file_claims WHERE file_name = %s AND run_id = %s"),
+                         (file_name, self.run_id))
+
+        _held.pop(self._key(file_name), None)
+        self.db.run(f"releasing {file_name}", release)
