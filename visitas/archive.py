@@ -5,11 +5,17 @@ top, ``rejected/`` and ``duplicate/`` ones in folders.
 
 A file is first deflated on its own (:func:`precompress`; LoadPostgres does it in a thread while
 the database works) with ISA-L, about three times faster than zlib at the same ratio, and the
-stream is inflated again and checked against the loaded file's sha256.  It is then added to a
-copy of the day's zip, the copy is fsync'd, the member's stored bytes, CRC and sizes are read back
-and compared with the checked stream, and only then does the copy replace the zip (atomic rename):
-a crash at any point leaves the previous zip intact, and a second run on the same day adds to it
-instead of overwriting it.  The zip is a standard one (deflate), readable by any unzip.
+stream is inflated again and checked against the loaded file's sha256.  The day's first file
+makes the zip (a temporary name, fsync, rename).  Each later file is appended in place: its bytes
+go where the zip's central directory began, and a new central directory follows, so adding a file
+costs that file, not the day's zip (copying the zip for each file made a day's archive cost grow
+with the square of its files).  Before that, a journal beside the zip records the zip's length and
+the bytes of its old central directory (fsync'd, renamed into place); the zip is fsync'd, the
+member's stored bytes, CRC and sizes are read back and compared with the checked stream, and only
+then is the journal removed.  A crash at any point therefore leaves the old zip (put back from the
+journal by the next call) or the new one, complete; existing members' bytes are never written
+again, and a second run on the same day adds to the zip instead of overwriting it.  The zip is a
+standard one (deflate), readable by any unzip.
 """
 
 from __future__ import annotations
@@ -224,6 +230,69 @@ def _verify_copied(partial: Path, member: str, deflated: Deflated) -> None:
                            f" deflated copy of the file")
 
 
+def _journal_of(target: Path) -> Path:
+    return target.with_name(f".{target.name}.journal")
+
+
+def _write_journal(target: Path, start_dir: int) -> None:
+    """Record what an append overwrites: the zip's length and its bytes from ``start_dir`` on
+    (the central directory and its end records: small)."""
+    length = target.stat().st_size
+    with open(target, "rb") as handle:
+        handle.seek(start_dir)
+        tail = handle.read()
+    if start_dir + len(tail) != length:
+        raise ArchiveError(f"{target.name}: cannot read its central directory whole")
+    journal = _journal_of(target)
+    partial = journal.with_name(journal.name + ".partial")
+    with open(partial, "wb") as handle:
+        handle.write(length.to_bytes(8, "big") + start_dir.to_bytes(8, "big") + tail)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, journal)
+    _fsync(target.parent)
+
+
+def _restore(target: Path) -> None:
+    """Put the zip back as it was before an append that did not finish (if a journal says so)."""
+    journal = _journal_of(target)
+    if not journal.exists():
+        return
+    data = journal.read_bytes()
+    length, start_dir = int.from_bytes(data[:8], "big"), int.from_bytes(data[8:16], "big")
+    with open(target, "r+b") as handle:
+        handle.truncate(start_dir)
+        handle.seek(start_dir)
+        handle.write(data[16:])
+        handle.truncate(length)
+        handle.flush()
+        os.fsync(handle.fileno())
+    journal.unlink()
+    _fsync(target.parent)
+    log.warning("%s: an append that did not finish was undone (the zip is as it was)", target.name)
+
+
+def _append_in_place(target: Path, deflated: Deflated, member: str) -> int:
+    """Append ``member`` to the zip at ``target``; returns the bytes written.
+
+    The journal first; then the member and a new central directory, fsync, read back; the journal
+    goes only once the new zip checks out, and the old zip is put back if anything fails."""
+    with zipfile.ZipFile(target) as existing:
+        start_dir = existing.start_dir
+    _write_journal(target, start_dir)
+    try:
+        with zipfile.ZipFile(target, "a") as archive:
+            _append_deflated(archive, deflated, member)
+        _fsync(target)
+        _verify_copied(target, member, deflated)
+    except BaseException:
+        _restore(target)
+        raise
+    _journal_of(target).unlink()
+    _fsync(target.parent)
+    return target.stat().st_size - start_dir
+
+
 def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: str,
                    sha256: str, level: int = 1, packed: Path | None = None) -> str:
     """Add ``source`` as ``member`` of the run date's zip; return ``zipname:member``.
@@ -243,6 +312,7 @@ def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: st
             deflated = precompress(source, scratch, level, sha256)
         with _exclusive(backup_dir / f".{target.name}.lock"):
             if target.exists():
+                _restore(target)  # an append a crash interrupted is undone first
                 with zipfile.ZipFile(target) as existing:
                     names = set(existing.namelist())
                     if member in names and member_sha256(existing, member) == sha256:
@@ -252,21 +322,23 @@ def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: st
                         member = f"{member}.{sha256[:8]}"
                         if member in names and member_sha256(existing, member) == sha256:
                             return f"{target.name}:{member}"
-                shutil.copyfile(target, partial)
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
-            os.close(fd)
-            os.chmod(partial, 0o600)
-            with zipfile.ZipFile(partial, "a") as archive:
-                _append_deflated(archive, deflated, member)
-            _fsync(partial)
-            _verify_copied(partial, member, deflated)
-            os.replace(partial, target)
-            _fsync(backup_dir)
+                written = _append_in_place(target, deflated, member)
+            else:
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
+                os.close(fd)
+                os.chmod(partial, 0o600)
+                with zipfile.ZipFile(partial, "a") as archive:
+                    _append_deflated(archive, deflated, member)
+                _fsync(partial)
+                _verify_copied(partial, member, deflated)
+                written = partial.stat().st_size
+                os.replace(partial, target)
+                _fsync(backup_dir)
     except OSError as error:
         raise ArchiveError(f"cannot write {target}: {error}") from error
     finally:
         partial.unlink(missing_ok=True)
         scratch.unlink(missing_ok=True)
         Deflated.record_of(scratch).unlink(missing_ok=True)
-    log.info("archived %s into %s", member, target)
+    log.info("archived %s into %s (%d bytes written)", member, target, written)
     return f"{target.name}:{member}"

@@ -25,7 +25,7 @@ TEST_SETTINGS = """
 [worker]
 keep_alive = false
 [postgres]
-lock_wait = 60
+lock_wait = 300
 [retry]
 attempts = 3
 first_delay = 0.2
@@ -309,7 +309,7 @@ def start_sftp(kind: str, tmp: Path, keys: devservers.SshKeys, password: str = "
 
 # ---------------------------------------------------------------------- waiting and mail
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
+def wait_for(predicate, timeout: float = 30.0) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -319,7 +319,7 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
     return False
 
 
-def wait_until_blocked_on_a_lock(env: Env, timeout: float = 60.0, count: int = 1) -> None:
+def wait_until_blocked_on_a_lock(env: Env, timeout: float = 180.0, count: int = 1) -> None:
     """Until ``count`` of the run's database sessions wait on a lock (the test holds it)."""
     def blocked():
         return env.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'visitas'"

@@ -45,7 +45,7 @@ def test_sigkill_after_commit_before_archive(env):
     with open(lock_file, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # ArchiveZip will wait here, after the commit
         run = env.popen()
-        assert wait_for(lambda: env.load_count() == 1, 60)
+        assert wait_for(lambda: env.load_count() == 1, 180)
         time.sleep(0.5)
         run.process.kill()
         run.process.wait()
@@ -127,7 +127,7 @@ def test_two_hosts_overlapping_share_the_files_and_count_each_once(make_env, tmp
     with open(lock_file, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # host A's archive step waits here
         host_a = env.popen("--no-lock")
-        assert wait_for(lambda: env.load_count() == 1, 60)
+        assert wait_for(lambda: env.load_count() == 1, 180)
         run_b = env.luigi("--no-lock", env=host_b)
         assert host_a.returncode is None  # A was still running the whole time B ran
         fcntl.flock(handle, fcntl.LOCK_UN)

@@ -85,7 +85,7 @@ def _wait_until_copying(env) -> None:
     def copying():
         return env.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'visitas'"
                          " AND state = 'active' AND query LIKE 'COPY%%statistics%%'")[0][0] > 0
-    assert wait_for(copying, 60), "the statistics COPY never started"
+    assert wait_for(copying, 180), "the statistics COPY never started"
 
 
 # Three statistics batches: while the first one's COPY is held, the formatter thread has the

@@ -142,7 +142,7 @@ def test_a_same_size_replacement_at_the_source_is_never_deleted(env):
     with open(lock_file, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # ArchiveZip will wait here, after the commit
         run = env.popen()
-        assert wait_for(lambda: env.load_count() == 1, 60)
+        assert wait_for(lambda: env.load_count() == 1, 180)
         remote = env.remote_dir / "report_1.txt"
         remote.write_bytes(replacement)
         later = remote.stat().st_mtime + 5  # a clock tick the file system surely shows

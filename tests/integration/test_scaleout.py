@@ -34,7 +34,7 @@ def test_two_hosts_share_a_days_files_under_one_luigid(make_env, luigid):
         holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
         runs = {name: env.popen("--no-lock", env=cfg, scheduler_port=luigid)
                 for name, cfg in hosts.items()}
-        wait_until_blocked_on_a_lock(env, timeout=120, count=2)
+        wait_until_blocked_on_a_lock(env, timeout=180, count=2)
         holder.execute("SELECT pg_advisory_unlock(%s, 0)", (db.LOCK_VISITORS,))
     outputs = {name: run.communicate(timeout=600)[0] for name, run in runs.items()}
     for name, run in runs.items():

@@ -135,3 +135,56 @@ def test_checking_a_stream_inflates_in_bounded_pieces(tmp_path, monkeypatch):
     monkeypatch.setattr(archive.isal_zlib, "decompressobj", Spy)
     archive.precompress(path, tmp_path / "zeros.deflate", level=1, sha256=sha)
     assert sum(pieces) == 64 * 1024 * 1024 and max(pieces) <= 1024 * 1024
+
+
+def _start_dir(zip_path) -> int:
+    with zipfile.ZipFile(zip_path) as existing:
+        return existing.start_dir
+
+
+def test_an_append_writes_the_new_member_only(tmp_path):
+    """Adding a file costs that file: the zip is not copied, its earlier bytes are not rewritten."""
+    backup = tmp_path / "bckp"
+    first, sha1 = _file(tmp_path, "report_1.txt", bytes(range(256)) * 4000)
+    archive.add_to_archive(backup, DAY, first, "report_1.txt", sha1)
+    zip_path = backup / "visitas_20261128.zip"
+    inode, start = zip_path.stat().st_ino, _start_dir(zip_path)
+    prefix = zip_path.read_bytes()[:start]
+    second, sha2 = _file(tmp_path, "report_2.txt", b"x,y\n" * 300)
+    archive.add_to_archive(backup, DAY, second, "report_2.txt", sha2)
+    assert zip_path.stat().st_ino == inode  # appended in place, not replaced by a copy
+    assert zip_path.read_bytes()[:start] == prefix
+    with zipfile.ZipFile(zip_path) as result:
+        assert result.testzip() is None
+        assert result.read("report_2.txt") == b"x,y\n" * 300
+    assert [p.name for p in backup.iterdir() if "journal" in p.name] == []
+
+
+def test_an_append_a_crash_interrupted_is_undone_by_the_next_call(tmp_path, monkeypatch):
+    backup = tmp_path / "bckp"
+    first, sha1 = _file(tmp_path, "report_1.txt", b"first file\n" * 100)
+    archive.add_to_archive(backup, DAY, first, "report_1.txt", sha1)
+    zip_path = backup / "visitas_20261128.zip"
+    before, start = zip_path.read_bytes(), _start_dir(zip_path)
+
+    def dies_halfway(target_zip, deflated, member):  # bytes over the old directory, then death
+        target_zip.fp.seek(target_zip.start_dir)
+        target_zip.fp.write(b"\x00" * 100)
+        target_zip.fp.flush()
+        raise KeyboardInterrupt("the process died")
+
+    monkeypatch.setattr(archive, "_append_deflated", dies_halfway)
+    monkeypatch.setattr(archive, "_restore", lambda target: None)  # a dead process undoes nothing
+    second, sha2 = _file(tmp_path, "report_2.txt", b"second file\n" * 100)
+    with pytest.raises(KeyboardInterrupt):
+        archive.add_to_archive(backup, DAY, second, "report_2.txt", sha2)
+    assert zip_path.read_bytes() != before  # damaged, with its journal beside it
+    monkeypatch.undo()
+
+    third, sha3 = _file(tmp_path, "report_3.txt", b"third file\n" * 100)
+    archive.add_to_archive(backup, DAY, third, "report_3.txt", sha3)
+    with zipfile.ZipFile(zip_path) as result:
+        assert result.testzip() is None
+        assert result.namelist() == ["report_1.txt", "report_3.txt"]
+        assert result.read("report_1.txt") == b"first file\n" * 100
+    assert zip_path.read_bytes()[:start] == before[:start]  # report_1.txt's bytes never rewritten

@@ -125,8 +125,9 @@ class Bench:
         seconds = time.perf_counter() - start
         if process.returncode != 0:
             raise SystemExit(f"pipeline failed ({process.returncode}): see {run_dir / 'stderr.log'}")
-        return {"seconds": seconds, "peak_rss_mb": peak / 1048576,
-                "stages": _stage_seconds(run_dir / "logs" / "visitas.log")}
+        log_file = run_dir / "logs" / "visitas.log"
+        return {"seconds": seconds, "peak_rss_mb": peak / 1048576, "stages": _stage_seconds(log_file),
+                "archive_bytes": _archive_bytes(log_file)}
 
     def pipeline_hosts(self, schema: str, hosts: int = 2) -> dict:
         """``hosts`` runs at once, each with its own folders and [cluster] host, one luigid."""
@@ -206,6 +207,13 @@ def _stage_seconds(log: Path) -> dict:
     return stages
 
 
+def _archive_bytes(log: Path) -> int:
+    """Bytes the archive step wrote into the backup zips (its log lines say)."""
+    pattern = re.compile(r"archived .* \((\d+) bytes written\)")
+    lines = log.read_text().splitlines() if log.exists() else []
+    return sum(int(m.group(1)) for m in map(pattern.search, lines) if m)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m visitas.dev.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                           else bench.pipeline_hosts(schema, hosts))
                 counts = bench.counts(schema)
                 rss = f", peak RSS {result['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in result else ""
+                if "archive_bytes" in result:
+                    run_dir = bench.base / f"run-{schema}"
+                    zips = sum(p.stat().st_size for p in run_dir.rglob("visitas_*.zip"))
+                    rss += (f", archive wrote {result['archive_bytes'] / 1048576:.1f} MiB"
+                            f" for zips of {zips / 1048576:.1f} MiB")
                 print(f"{args.many_files} files x {args.many_rows:,} rows, {label}: "
                       f"{result['seconds']:.1f}s ({60 * args.many_files / result['seconds']:.0f} files/min,"
                       f" {1000 * result['seconds'] / args.many_files:.0f} ms/file), "
