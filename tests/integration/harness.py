@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
 import datetime as dt
+import fcntl
 import os
 import shutil
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -325,6 +328,18 @@ def wait_until_blocked_on_a_lock(env: Env, timeout: float = 180.0, count: int = 
         return env.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'visitas'"
                          " AND wait_event_type = 'Lock'")[0][0] >= count
     assert wait_for(blocked, timeout), "the run never reached the lock"
+
+
+@contextlib.contextmanager
+def holding_the_archive(env: Env) -> Iterator[None]:
+    """While this holds the day's zip lock, a run's ArchiveZip waits there, after its file's commit."""
+    env.backup_dir.mkdir(mode=0o700, exist_ok=True)
+    with open(env.backup_dir / f".visitas_{time.strftime('%Y%m%d')}.zip.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def notify_cfg(smtp, **extra) -> str:

@@ -6,7 +6,6 @@ rule over all visits, every file in a backup zip, nothing left at the source.
 
 from __future__ import annotations
 
-import fcntl
 import subprocess
 import time
 import zipfile
@@ -17,7 +16,8 @@ from polars.testing import assert_frame_equal
 
 from visitas import db
 
-from .harness import assert_exactly_once, expected_visitors, wait_for, wait_until_blocked_on_a_lock
+from .harness import (assert_exactly_once, expected_visitors, holding_the_archive, wait_for,
+                      wait_until_blocked_on_a_lock)
 
 FAST_RETRY = "[retry]\nattempts = 2\nfirst_delay = 0.2\nmax_delay = 0.2\n"
 
@@ -40,16 +40,12 @@ def test_sigkill_after_copy_before_commit(env):
 
 def test_sigkill_after_commit_before_archive(env):
     manifest = env.generate(files=3, rows=300)
-    env.backup_dir.mkdir(mode=0o700)
-    lock_file = env.backup_dir / f".visitas_{time.strftime('%Y%m%d')}.zip.lock"
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # ArchiveZip will wait here, after the commit
+    with holding_the_archive(env):  # ArchiveZip waits there, after its file's commit
         run = env.popen()
         assert wait_for(lambda: env.load_count() == 1, 180)
         time.sleep(0.5)
         run.process.kill()
         run.process.wait()
-        fcntl.flock(handle, fcntl.LOCK_UN)
     assert len(env.loads()) == 1
     assert len(env.remote_reports()) == 3  # committed, but not archived: not deleted
     rerun = env.luigi()
@@ -122,15 +118,11 @@ def test_two_hosts_overlapping_share_the_files_and_count_each_once(make_env, tmp
     env = make_env()
     manifest = env.generate(files=6, rows=400, visitors=80)
     host_b = env.host_config("host-b")
-    env.backup_dir.mkdir(mode=0o700)
-    lock_file = env.backup_dir / f".visitas_{time.strftime('%Y%m%d')}.zip.lock"
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # host A's archive step waits here
+    with holding_the_archive(env):  # ArchiveZip waits there, after its file's commit
         host_a = env.popen("--no-lock")
         assert wait_for(lambda: env.load_count() == 1, 180)
         run_b = env.luigi("--no-lock", env=host_b)
         assert host_a.returncode is None  # A was still running the whole time B ran
-        fcntl.flock(handle, fcntl.LOCK_UN)
     out_a, _ = host_a.communicate()
     assert host_a.returncode == 0, out_a[-3000:]
     assert run_b.returncode == 0, run_b.stderr[-3000:]

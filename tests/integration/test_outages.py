@@ -93,13 +93,20 @@ def _wait_until_copying(env) -> None:
 SMALL_BATCHES = "[load]\nbatch_mb = 1\n"
 
 
-def test_database_restart_during_a_copy_is_ridden_out(make_env, own_pg):
-    env = make_env(extra_cfg=RETRY + SMALL_BATCHES, dsn=own_pg.dsn())
+def _stop_the_server_during_a_copy(make_env, own_pg, retry: str):
+    """A run whose statistics COPY is active when PostgreSQL is stopped (fast: every session is
+    terminated, the load's transaction rolled back)."""
+    env = make_env(extra_cfg=retry + SMALL_BATCHES, dsn=own_pg.dsn())
     manifest = env.generate(files=1, rows=20_000, defects=0.0)
     _hold_the_statistics_copy(env)
     run = env.popen()
     _wait_until_copying(env)
-    own_pg.stop("fast")  # the COPY's session is terminated, its transaction rolled back
+    own_pg.stop("fast")
+    return env, manifest, run
+
+
+def test_database_restart_during_a_copy_is_ridden_out(make_env, own_pg):
+    env, manifest, run = _stop_the_server_during_a_copy(make_env, own_pg, RETRY)
     time.sleep(5)
     own_pg.start()
     out, _ = run.communicate(timeout=300)  # used to hang here, holding Luigi's pid lock
@@ -109,12 +116,7 @@ def test_database_restart_during_a_copy_is_ridden_out(make_env, own_pg):
 
 
 def test_database_down_during_a_copy_for_longer_than_the_retries_fails_then_resumes(make_env, own_pg):
-    env = make_env(extra_cfg=SHORT_RETRY + SMALL_BATCHES, dsn=own_pg.dsn())
-    manifest = env.generate(files=1, rows=20_000, defects=0.0)
-    _hold_the_statistics_copy(env)
-    run = env.popen()
-    _wait_until_copying(env)
-    own_pg.stop("fast")
+    env, manifest, run = _stop_the_server_during_a_copy(make_env, own_pg, SHORT_RETRY)
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 30, out[-3000:]  # [retcode] task_failed, no hang
     assert env.remote_reports() == ["report_1.txt"]  # nothing deleted

@@ -4,7 +4,6 @@ database refuses.  Whatever happens, every visit is counted once."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 
@@ -15,8 +14,8 @@ import pytest
 
 from visitas import db
 
-from .harness import (assert_exactly_once, expected_visitors, notify_cfg, wait_for,
-                      wait_until_blocked_on_a_lock)
+from .harness import (assert_exactly_once, expected_visitors, holding_the_archive, notify_cfg,
+                      wait_for, wait_until_blocked_on_a_lock)
 
 MIN_AGE = "[sftp]\nmin_age = 60\n"
 
@@ -137,17 +136,13 @@ def test_a_same_size_replacement_at_the_source_is_never_deleted(env):
     original = (manifest["dir"] / "report_1.txt").read_bytes()
     replacement = original.replace(b"visitante", b"visitanta", 1)
     assert len(replacement) == len(original) and replacement != original
-    env.backup_dir.mkdir(mode=0o700)
-    lock_file = env.backup_dir / f".visitas_{time.strftime('%Y%m%d')}.zip.lock"
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # ArchiveZip will wait here, after the commit
+    with holding_the_archive(env):  # ArchiveZip waits there, after its file's commit
         run = env.popen()
         assert wait_for(lambda: env.load_count() == 1, 180)
         remote = env.remote_dir / "report_1.txt"
         remote.write_bytes(replacement)
         later = remote.stat().st_mtime + 5  # a clock tick the file system surely shows
         os.utime(remote, (later, later))
-        fcntl.flock(handle, fcntl.LOCK_UN)
     out, _ = run.communicate()
     assert run.returncode == 0, out[-3000:]
     assert "changed at the source since it was downloaded" in out

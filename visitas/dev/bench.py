@@ -107,12 +107,17 @@ class Bench:
             "[core]\nlog_level = WARNING\n[worker]\nwait_interval = 0.2\nwait_jitter = 0.2\n")))
         return cfg
 
-    def pipeline(self, schema: str, workers: int = 1) -> dict:
+    def fresh(self, schema: str) -> Path:
+        """An empty schema and an empty run folder (returned) for one measurement."""
         with psycopg.connect(self.cluster.dsn(), autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         run_dir = self.base / f"run-{schema}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir()
+        return run_dir
+
+    def pipeline(self, schema: str, workers: int = 1) -> dict:
+        run_dir = self.fresh(schema)
         cfg = self.config(schema, run_dir)
         env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg), "VISITAS_DSN": self.cluster.dsn()}
         luigi = str(Path(sys.executable).with_name("luigi"))
@@ -131,11 +136,7 @@ class Bench:
 
     def pipeline_hosts(self, schema: str, hosts: int = 2) -> dict:
         """``hosts`` runs at once, each with its own folders and [cluster] host, one luigid."""
-        with psycopg.connect(self.cluster.dsn(), autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        base = self.base / f"run-{schema}"
-        shutil.rmtree(base, ignore_errors=True)
-        base.mkdir()
+        base = self.fresh(schema)
         port = servers.free_port()
         bin_dir = Path(sys.executable).parent
         luigid = subprocess.Popen([str(bin_dir / "luigid"), "--port", str(port), "--address", "127.0.0.1",
