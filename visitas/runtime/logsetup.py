@@ -46,8 +46,16 @@ def configured_secrets() -> list[str]:
     """Every secret value in the configuration (so that it can be masked wherever it shows)."""
     from visitas import config
 
-    values = [config.sftp().password, config.sftp().key_passphrase, config.notify().smtp_password]
-    values += dsn_secrets(config.postgres().resolved_dsn())
+    values: list[str] = []
+    # Each section on its own: a command that needs only [postgres] (visitas report) must not
+    # fail on an [sftp] whose ${VAR}s are not set where it runs.
+    for read in (lambda: [config.sftp().password, config.sftp().key_passphrase],
+                 lambda: [config.notify().smtp_password],
+                 lambda: dsn_secrets(config.postgres().resolved_dsn())):
+        try:
+            values += read()
+        except ValueError:  # Luigi: a parameter's value could not be read (a missing ${VAR})
+            continue
     return [v for v in values if v]
 
 
