@@ -61,7 +61,7 @@ class FileTask(VisitasTask):
 
     def skipped(self) -> bool:
         """Another worker or host took this file (it vanished from the source after its load),
-        or this run left it at the source because it is still being written."""
+        or this run left it: still being written, or another host holds its claim."""
         if self.paths.elsewhere(self.file_name).exists():
             return True
         deferred = self.paths.deferred(self.file_name)
