@@ -271,6 +271,14 @@ VISITOR_SCHEMA = {
     "visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64, "visitas_mes_actual": pl.Int64}
 
 
+def cut_mid_line(data: bytes, fraction: float = 0.5) -> bytes:
+    """The first bytes of ``data``, ending inside a line (as a stalled upload does)."""
+    cut = int(len(data) * fraction)
+    while data[cut - 1:cut] in (b"\n", b"\r") or data[cut:cut + 1] in (b"\n", b"\r"):
+        cut += 1
+    return data[:cut]
+
+
 def expected_visitors(truth: pl.DataFrame, as_of: dt.date | None = None) -> pl.DataFrame:
     """The visitor table the rule gives for all these visits, worked out here in plain Python
     (an oracle written apart from visitas.visitors, which it checks).  ``as_of``: the counters

@@ -70,3 +70,10 @@ def test_report_needs_only_postgres_and_errors_are_one_line(env, tmp_path):
         " Section [postgres], option dsn=${VISITAS_DSN}"]
     debug = _visitas("--debug", "report", cwd=elsewhere, env={"LUIGI_CONFIG_PATH": str(PRODUCTION_CFG)})
     assert "Traceback" in debug.stderr
+
+
+def test_version(tmp_path):
+    from importlib.metadata import version
+
+    result = _visitas("--version", cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, f"visitas {version('visitas')}")

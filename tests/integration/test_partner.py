@@ -14,8 +14,8 @@ import pytest
 
 from visitas import db
 
-from .harness import (assert_exactly_once, expected_visitors, holding_the_archive, notify_cfg,
-                      wait_for, wait_until_blocked_on_a_lock)
+from .harness import (assert_exactly_once, cut_mid_line, expected_visitors, holding_the_archive,
+                      notify_cfg, wait_for, wait_until_blocked_on_a_lock)
 
 MIN_AGE = "[sftp]\nmin_age = 60\n"
 
@@ -26,14 +26,6 @@ def _age(path, seconds: float) -> None:
     os.utime(path, (when, when))
 
 
-def _cut_mid_line(data: bytes, fraction: float = 0.5) -> bytes:
-    """The first bytes of ``data``, ending inside a line (as a stalled upload does)."""
-    cut = int(len(data) * fraction)
-    while data[cut - 1:cut] in (b"\n", b"\r") or data[cut:cut + 1] in (b"\n", b"\r"):
-        cut += 1
-    return data[:cut]
-
-
 @pytest.mark.parametrize("completed_as", ["same name, next day", "another name, same day",
                                           "another name, both on the server at once"])
 def test_a_stalled_half_upload_then_completed_counts_every_visit_once(make_env, completed_as):
@@ -41,7 +33,7 @@ def test_a_stalled_half_upload_then_completed_counts_every_visit_once(make_env, 
     manifest = env.generate(files=1, rows=3000, defects=0.02)
     full = (manifest["dir"] / "report_1.txt").read_bytes()
     remote = env.remote_dir / "report_1.txt"
-    remote.write_bytes(_cut_mid_line(full))  # the upload stalled half-way, long ago
+    remote.write_bytes(cut_mid_line(full))  # the upload stalled half-way, long ago
     _age(remote, 3600)
     if completed_as.endswith("at once"):  # re-sent complete under a name listed after it
         (env.remote_dir / "report_7.txt").write_bytes(full)

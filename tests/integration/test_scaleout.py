@@ -4,6 +4,7 @@ host, every host exits 0, luigid shows every task done, a dead host's file is ta
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -13,7 +14,8 @@ from polars.testing import assert_frame_equal
 
 from visitas import db
 
-from .harness import assert_exactly_once, expected_visitors, wait_until_blocked_on_a_lock
+from .harness import (assert_exactly_once, cut_mid_line, expected_visitors, notify_cfg, wait_for,
+                      wait_until_blocked_on_a_lock)
 
 
 LUIGID_DONE_COOLDOWN = 10  # luigid's [scheduler] stable_done_cooldown_secs, by default
@@ -25,10 +27,11 @@ def _tasks(port: int, status: str = "") -> dict:
         return json.load(response)["response"]
 
 
-def test_two_hosts_share_a_days_files_under_one_luigid(make_env, luigid):
+def test_two_hosts_share_a_days_files_under_one_luigid(make_env, luigid, smtp):
     env = make_env()
     manifest = env.generate(files=20, rows=20_000, visitors=30_000, defects=0.01)
-    hosts = {name: env.host_config(name) for name in ("host-a", "host-b")}
+    hosts = {name: env.host_config(name, notify_cfg(smtp, send_always="true"))
+             for name in ("host-a", "host-b")}
     with psycopg.connect(env.dsn, autocommit=True) as holder:
         # Both hosts inside a load at once (each its own file: claims) before either goes on.
         holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
@@ -52,6 +55,40 @@ def test_two_hosts_share_a_days_files_under_one_luigid(make_env, luigid):
     assert env.query("SELECT count(*) FROM statistics") == [(env.truth(manifest).height,)]
     assert_frame_equal(env.visitors(), expected_visitors(env.truth(manifest)))
     assert env.remote_reports() == []
+    # Each host's run mail lists the files that host handled.
+    assert wait_for(lambda: len(smtp.messages) == 2)
+    mailed = {frozenset(re.findall(r"^(report_\d+\.txt) ", m.get_body(("plain",)).get_content(), re.M))
+              for m in smtp.messages}
+    handled = {frozenset(n for (n,) in env.query("SELECT file_name FROM load_log WHERE host = %s", (h,)))
+               for h in hosts}
+    assert mailed == handled
+
+
+def test_an_extension_loaded_beside_its_first_part_waits_for_it(make_env, luigid):
+    """Host A loads a stalled partial upload while host B loads its completion (another name):
+    B found no first part when it looked; under the merge lock it finds A's commit, and loads
+    again as an extension."""
+    env = make_env()
+    manifest = env.generate(files=1, rows=3000, defects=0.02)
+    full = (manifest["dir"] / "report_1.txt").read_bytes()
+    (env.remote_dir / "report_1.txt").write_bytes(cut_mid_line(full))
+    env.upload(manifest["dir"] / "report_1.txt", "report_7.txt")
+    runs = {}
+    with psycopg.connect(env.dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
+        runs["a"] = env.popen("--no-lock", env=env.host_config("host-a"), scheduler_port=luigid)
+        wait_until_blocked_on_a_lock(env)  # A: the partial (smaller, first), at the merge
+        runs["b"] = env.popen("--no-lock", env=env.host_config("host-b"), scheduler_port=luigid)
+        wait_until_blocked_on_a_lock(env, count=2)  # B: the complete file, queued behind A
+        holder.execute("SELECT pg_advisory_unlock(%s, 0)", (db.LOCK_VISITORS,))
+    outputs = {name: run.communicate(timeout=600)[0] for name, run in runs.items()}
+    for name, run in runs.items():
+        assert run.returncode == 0, outputs[name][-3000:]
+    assert "a file it extends was loaded meanwhile" in outputs["b"]
+    [(first_id,)] = env.query("SELECT id FROM load_log WHERE file_name = 'report_1.txt'")
+    assert env.query("SELECT host, extends FROM load_log WHERE file_name = 'report_7.txt'") == [
+        ("host-b", first_id)]
+    assert_frame_equal(env.visitors(), expected_visitors(env.truth(manifest)))
 
 
 def test_a_host_killed_mid_file_is_taken_over_by_the_next_run(make_env, luigid):

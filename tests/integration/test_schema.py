@@ -4,6 +4,7 @@ statistics table matches the contract, and migrations run once per version."""
 import datetime as dt
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from visitas.db import Database
@@ -41,7 +42,9 @@ def _first_released_schema_with_data(conn: psycopg.Connection) -> None:
         INSERT INTO visitor (email, fecha_primera_visita, fecha_ultima_visita, visitas_totales,
                              visitas_anio_actual, visitas_mes_actual)
         VALUES ('ana@example.com', '2026-10-31', '2026-10-31', 1, 1, 1),
-               ('luis@example.com', '2026-11-01', '2026-11-01', 1, 1, 1);
+               ('luis@example.com', '2026-11-01', '2026-11-01', 1, 1, 1),
+               (E'jose\\u0301@example.com', '2026-11-01', '2026-11-01', 1, 1, 1),
+               ('eva@xn--mnchen-3ya.de', '2026-11-01', '2026-11-01', 1, 1, 1);
         INSERT INTO run_log (run_date, truncated) VALUES ('2026-11-01', true);""")
 
 
@@ -61,9 +64,14 @@ def test_a_database_of_the_first_released_schema_upgrades_with_its_data(env):
             ("ana@example.com", 2, ["http://x.mx"]), ("luis@example.com", 4, None)]
         assert conn.execute("SELECT file_name, status, rows_read FROM load_log").fetchall() == [
             ("report_1.txt", "loaded", 3)]
-        assert conn.execute("SELECT email, visitas_mes_actual FROM visitor_as_of(%s) ORDER BY email",
+        assert conn.execute("SELECT email, visitas_mes_actual FROM visitor_as_of(%s)"
+                            " WHERE email LIKE '%%example.com' AND email NOT LIKE 'jose%%' ORDER BY email",
                             (dt.date(2026, 11, 30),)).fetchall() == [
             ("ana@example.com", 0), ("luis@example.com", 1)]
+        # The README's query for visitor rows keyed by an old spelling (NFD, xn--).
+        assert sorted(r[0] for r in conn.execute(
+            "SELECT email FROM visitor WHERE email <> normalize(email, NFC) OR email LIKE '%xn--%'")) == [
+            "eva@xn--mnchen-3ya.de", "jose\u0301@example.com"]
         conn.execute("INSERT INTO load_log (file_name, sha256, size_bytes, run_date, status,"
                      " started_at) VALUES ('report_2.txt', repeat('b', 64), 9, '2026-11-02',"
                      " 'failed', now())")  # the new status is allowed
@@ -111,3 +119,11 @@ def test_migrations_run_once_per_version(pg_dsn, schema):
     with _connect(pg_dsn, schema) as conn:
         assert conn.execute("SELECT to_regclass('visitor_today')").fetchone() != (None,)
         assert conn.execute("SELECT version FROM visitas_schema").fetchall() == [(migrations.LATEST,)]
+
+
+def test_a_schema_newer_than_the_program_is_refused(pg_dsn, schema):
+    Database(pg_dsn, schema).connection().close()
+    with _connect(pg_dsn, schema) as conn:
+        conn.execute("UPDATE visitas_schema SET version = %s", (migrations.LATEST + 1,))
+    with pytest.raises(RuntimeError, match="newer than this program"):
+        Database(pg_dsn, schema).connection()
