@@ -22,6 +22,24 @@ from visitas.runtime.runinfo import per_process
 
 log = logging.getLogger(__name__)
 
+# A download is read in windows of this many bytes, each as pipelined 32 KiB requests, and each
+# written before the next is asked for.  paramiko's prefetching get buffers without bound whatever
+# the disk cannot take yet (measured: a 1 GiB download peaked at 1,124 MiB of memory while the disk
+# was busy writing back; capping its requests in flight does not help, a reply frees its slot).
+FETCH_WINDOW = 8 * 1024 * 1024
+FETCH_REQUEST = 32 * 1024
+
+
+def _fetch(sftp: paramiko.SFTPClient, remote: str, local: Path, size: int) -> None:
+    """Copy ``remote`` to ``local``, holding at most one window of it in memory."""
+    with sftp.open(remote, "rb") as reader, open(local, "wb") as writer:
+        for start in range(0, size, FETCH_WINDOW):
+            end = min(size, start + FETCH_WINDOW)
+            for data in reader.readv([(o, min(FETCH_REQUEST, end - o))
+                                      for o in range(start, end, FETCH_REQUEST)]):
+                writer.write(data)
+
+
 class StillBeingWritten(Exception):
     """The file is younger than ``min_age`` or changed while it was read: leave it this run."""
 
@@ -169,7 +187,7 @@ class SftpSource:
                                         f" {min_age:.0f}s): it may still be being written")
             try:
                 started = time.perf_counter()
-                sftp.get(self.remote_path(name), str(partial))  # prefetching, full speed
+                _fetch(sftp, self.remote_path(name), partial, before.st_size or 0)
                 os.chmod(partial, 0o600)
                 after = sftp.lstat(self.remote_path(name))
                 if (after.st_size, after.st_mtime) != (before.st_size, before.st_mtime):
