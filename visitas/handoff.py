@@ -93,10 +93,15 @@ class Archived:
 
 
 def write(path: Path, record: Any) -> None:
-    """Write a hand-off record atomically (a temporary name, then a rename)."""
+    """Write a hand-off record atomically."""
+    write_text(path, json.dumps(dataclasses.asdict(record), indent=1, sort_keys=True))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` under a temporary name, then rename it: it appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(dataclasses.asdict(record), indent=1, sort_keys=True))
+    partial.write_text(text)
     os.replace(partial, path)
 
 

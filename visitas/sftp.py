@@ -16,7 +16,7 @@ from pathlib import Path
 
 import paramiko
 
-from visitas.paths import SAFE_NAME, UnsafeName, check_safe  # noqa: F401 - re-exported
+from visitas.paths import SAFE_NAME, check_safe
 from visitas.runtime import logsetup, retrying
 from visitas.runtime.runinfo import per_process
 
@@ -49,6 +49,10 @@ class RemoteFile:
     name: str
     size: int
     mtime: int
+
+    @classmethod
+    def of(cls, name: str, attrs: paramiko.SFTPAttributes) -> RemoteFile:
+        return cls(name, attrs.st_size or 0, attrs.st_mtime or 0)
 
 
 class SftpSource:
@@ -154,15 +158,14 @@ class SftpSource:
                 if not SAFE_NAME.match(entry.filename):
                     log.warning("refusing %r: characters outside [A-Za-z0-9._-]", entry.filename)
                     continue
-                found.append(RemoteFile(entry.filename, attrs.st_size or 0, attrs.st_mtime or 0))
+                found.append(RemoteFile.of(entry.filename, attrs))
             return sorted(found, key=lambda f: _natural_key(f.name))
 
         return self._call(f"listing {self.remote_dir}", listing)
 
     def stat(self, name: str) -> RemoteFile:
         def lstat(sftp: paramiko.SFTPClient) -> RemoteFile:
-            attrs = sftp.lstat(self.remote_path(name))
-            return RemoteFile(name, attrs.st_size or 0, attrs.st_mtime or 0)
+            return RemoteFile.of(name, sftp.lstat(self.remote_path(name)))
 
         return self._call(f"stat {name}", lstat)
 
@@ -200,7 +203,7 @@ class SftpSource:
                 fetched = time.perf_counter()
                 with open(partial, "rb") as handle:
                     os.fsync(handle.fileno())
-                remote = RemoteFile(name, before.st_size or 0, before.st_mtime or 0)
+                remote = RemoteFile.of(name, before)
                 if before_rename:
                     before_rename(remote)
                 os.replace(partial, local_path)

@@ -90,7 +90,12 @@ class FileTask(VisitasTask):
 
     def leave(self) -> None:
         """This run will not handle the file: its chain completes as skipped, this run only."""
-        _write_atomically(self.paths.deferred(self.file_name), runinfo.run_id())
+        handoff.write_text(self.paths.deferred(self.file_name), runinfo.run_id())
+
+    def verdict(self) -> handoff.Verdict | None:
+        """ValidateReport's verdict, for a step that requires it as ``checked`` (None: not yet)."""
+        path = Path(self.input()["checked"].path) / handoff.VERDICT_FILE
+        return handoff.read(path, handoff.Verdict) if path.exists() else None
 
     def part_of(self, task_class: type[FileTask]) -> FileTask:
         """Another step of the same file, date and host."""
@@ -119,7 +124,7 @@ class DownloadReport(FileTask):
                 raise
             log.info("%s was loaded and removed by another worker or host: skipping it",
                      self.file_name)
-            _write_atomically(self.paths.elsewhere(self.file_name), "")
+            handoff.write_text(self.paths.elsewhere(self.file_name), "")
             db.claims().release(self.file_name)
 
     def _record(self, remote: sftp.RemoteFile) -> None:
@@ -198,10 +203,6 @@ class LoadPostgres(FileTask):
                 "split": self.part_of(SplitVisitorStats),
                 "run": PrepareRun(date=self.date, host=self.host)}
 
-    def verdict(self) -> handoff.Verdict | None:
-        path = Path(self.input()["checked"].path) / handoff.VERDICT_FILE
-        return handoff.read(path, handoff.Verdict) if path.exists() else None
-
     def output(self):
         verdict = self.verdict()
         return db.LoadLogTarget(self.file_name, verdict and verdict.sha256, self.date)
@@ -258,8 +259,9 @@ class ArchiveZip(FileTask):
 
     def work(self):
         downloaded = self.input()["download"]
-        verdict = handoff.read(Path(self.input()["checked"].path) / handoff.VERDICT_FILE,
-                               handoff.Verdict)
+        verdict = self.verdict()
+        if verdict is None:
+            raise LookupError(f"{self.file_name}: no verdict to archive it by")
         load_log = db.load_log()
         status = load_log.file_status(self.file_name, verdict.sha256)
         member = self.file_name if status == "loaded" else f"{status}/{self.file_name}"
@@ -363,10 +365,3 @@ def _renewing(claims: db.Claims, file_name: str) -> Iterator[None]:
     finally:
         stop.set()
         heart.join()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)

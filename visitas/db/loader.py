@@ -132,8 +132,8 @@ class Loader:
         loaded = conn.execute(self.db.q(
             "SELECT id, file_name, run_date FROM {schema}.load_log"
             " WHERE sha256 = %s AND status = 'loaded'"), (sha,)).fetchone()
-        common = dict(size_bytes=job.size, run_id=run_id, host=_host(),
-                      encoding=job.summary.encoding, started_at=started_at)
+        common = dict(size_bytes=job.size, run_id=run_id, encoding=job.summary.encoding,
+                      started_at=started_at)
         self.log.supersede_failures(conn, sha)
         if loaded:
             load_id = marker.touch(conn, self.log, status="duplicate", duplicate_of=loaded[0],
@@ -290,10 +290,3 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         while chunk := handle.read(COPY_CHUNK):
             yield chunk
-
-
-def _host() -> str:
-    """This host's name in load_log ([cluster] host)."""
-    from visitas import config
-
-    return config.cluster().resolved_host()

@@ -81,7 +81,7 @@ class LoadLog:
         def record(conn: psycopg.Connection) -> int:
             load_id = self.insert(
                 conn, file_name=file_name, sha256=sha256, size_bytes=size, run_date=run_date,
-                run_id=run_id, host=_host(), status="failed", reason="load_error",
+                run_id=run_id, status="failed", reason="load_error",
                 message=message, started_at=started_at)
             conn.execute(self.db.q(
                 "INSERT INTO {schema}.errors (source_file, line_no, column_name, reason, message,"
@@ -100,6 +100,8 @@ class LoadLog:
             return None
 
     def insert(self, conn: psycopg.Connection, **values) -> int:
+        """Insert a load_log row (written by this host, ``[cluster] host``); returns its id."""
+        values.setdefault("host", _host())
         columns = list(values)
         query = sql.SQL("INSERT INTO {table} ({columns}) VALUES ({values}) RETURNING id").format(
             table=sql.Identifier(self.db.schema, "load_log"),

@@ -136,6 +136,7 @@ class LoadJob:
 
     def __post_init__(self) -> None:
         self.summary = handoff.read(self.split_dir / handoff.SUMMARY_FILE, handoff.SplitSummary)
+        self._prefixes: dict[int, str] = {}
 
     @property
     def name(self) -> str:
@@ -167,6 +168,12 @@ class LoadJob:
             self.work_dir
 
     def prefix_sha256(self, sizes: Iterable[int]) -> dict[int, str]:
-        return prefix_sha256(self.source, sizes)
+        """sha256 of the file's first ``n`` bytes for each ``n``; each is read once per job (the
+        loader looks for a first part again under the merge lock)."""
+        wanted = set(sizes)
+        missing = wanted - set(self._prefixes)
+        if missing:
+            self._prefixes.update(prefix_sha256(self.source, missing))
+        return {n: self._prefixes[n] for n in wanted if n in self._prefixes}
 
 
