@@ -61,10 +61,12 @@ class Verdict:
 
 @dataclasses.dataclass
 class SplitSummary(Verdict):
-    """A verdict with the counts of the lines split (all, or those of an extension) and the
-    number of distinct visitors among them."""
+    """A verdict with the counts of the lines split (all, or those of an extension): distinct
+    visitors, and the loaded rows opened and clicked (the file's open and click rates)."""
 
     visitors: int = 0
+    rows_opened: int = 0
+    rows_clicked: int = 0
 
 
 @dataclasses.dataclass

@@ -179,10 +179,11 @@ class Env:
         self.execute("DROP TRIGGER visitas_test_fault ON statistics")
 
     def visitors(self, source: str = "visitor", params: tuple = ()) -> pl.DataFrame:
-        rows = self.query("SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales,"
-                          f" visitas_anio_actual, visitas_mes_actual FROM {source} ORDER BY email",
-                          params)
-        return pl.DataFrame(rows, orient="row", schema=VISITOR_SCHEMA)
+        """The visitor table (every counter), or the visit counters of ``visitor_as_of(%s)`` or
+        ``visitor_today``."""
+        schema = VISITOR_SCHEMA if source == "visitor" else VISIT_COUNTERS
+        rows = self.query(f"SELECT {', '.join(schema)} FROM {source} ORDER BY email", params)
+        return pl.DataFrame(rows, orient="row", schema=schema)
 
     def load_count(self) -> int:
         """Rows in load_log, 0 while the schema does not exist yet (for polling)."""
@@ -266,9 +267,13 @@ def assert_exactly_once(env: Env, *manifests: dict, hosts: tuple[str, ...] = ())
         assert [p for p in (env.tmp / host / env.download_dir.name).rglob("*") if p.is_file()] == []
 
 
-VISITOR_SCHEMA = {
+VISIT_COUNTERS = {
     "email": pl.String, "fecha_primera_visita": pl.Date, "fecha_ultima_visita": pl.Date,
     "visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64, "visitas_mes_actual": pl.Int64}
+VISITOR_SCHEMA = {
+    **VISIT_COUNTERS, "opens_totales": pl.Int64, "clicks_totales": pl.Int64,
+    "visitas_abiertas": pl.Int64, "visitas_clicadas": pl.Int64, "fecha_ultimo_open": pl.Date,
+    "fecha_ultimo_click": pl.Date}
 
 
 def cut_mid_line(data: bytes, fraction: float = 0.5) -> bytes:
@@ -281,19 +286,28 @@ def cut_mid_line(data: bytes, fraction: float = 0.5) -> bytes:
 
 def expected_visitors(truth: pl.DataFrame, as_of: dt.date | None = None) -> pl.DataFrame:
     """The visitor table the rule gives for all these visits, worked out here in plain Python
-    (an oracle written apart from visitas.visitors, which it checks).  ``as_of``: the counters
-    relative to that day instead of the latest visit (visitor_as_of, visitor_today)."""
-    days: dict[str, list[dt.date]] = {}
-    for email, sent_at in truth.select("email", "sent_at").iter_rows():
-        days.setdefault(email, []).append(sent_at.date())
+    (an oracle written apart from visitas.visitors, which it checks), from what the generator
+    wrote in each row.  ``as_of``: the visit counters relative to that day instead of the
+    latest visit (visitor_as_of, visitor_today)."""
+    by_email: dict[str, list[dict]] = {}
+    for visit in truth.iter_rows(named=True):
+        by_email.setdefault(visit["email"], []).append(visit)
     rows = []
-    for email in sorted(days):
-        visits = days[email]
-        current = as_of or max(visits)
-        rows.append((email, min(visits), max(visits), len(visits),
-                     sum(1 for d in visits if d.year == current.year),
-                     sum(1 for d in visits if (d.year, d.month) == (current.year, current.month))))
-    return pl.DataFrame(rows, orient="row", schema=VISITOR_SCHEMA)
+    for email in sorted(by_email):
+        visits = by_email[email]
+        days = [v["sent_at"].date() for v in visits]
+        current = as_of or max(days)
+        counters = (email, min(days), max(days), len(days),
+                    sum(1 for d in days if d.year == current.year),
+                    sum(1 for d in days if (d.year, d.month) == (current.year, current.month)))
+        if as_of is None:
+            counters += (sum(v["opens_total"] for v in visits),
+                         sum(v["clicks_total"] for v in visits),
+                         sum(1 for v in visits if v["opened"]), sum(1 for v in visits if v["clicked"]),
+                         max((v["opened_on"] for v in visits if v["opened_on"]), default=None),
+                         max((v["clicked_on"] for v in visits if v["clicked_on"]), default=None))
+        rows.append(counters)
+    return pl.DataFrame(rows, orient="row", schema=VISIT_COUNTERS if as_of else VISITOR_SCHEMA)
 
 
 def start_sftp(kind: str, tmp: Path, keys: devservers.SshKeys, password: str = ""):

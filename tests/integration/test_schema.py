@@ -86,6 +86,12 @@ def test_a_database_of_the_first_released_schema_upgrades_with_its_data(env):
         (manifest["files"]["report_1.txt"]["valid_rows"],)]
     assert env.query("SELECT count(*) FROM visitor WHERE email IN ('ana@example.com',"
                      " 'luis@example.com')") == [(2,)]
+    # Engagement of visitors loaded before the counters existed is unknown (null), not zero;
+    # visitors loaded since have it.
+    assert env.query("SELECT count(*) FILTER (WHERE tasa_apertura IS NULL AND opens_totales IS NULL"
+                     " AND fecha_ultimo_open IS NULL), count(*) FILTER (WHERE tasa_apertura"
+                     " IS NOT NULL AND opens_totales IS NOT NULL) FROM visitor_engagement") == [
+        (4, env.query("SELECT count(*) FROM visitor")[0][0] - 4)]
 
 
 def test_the_statistics_table_is_the_contracts(pg_dsn, schema):

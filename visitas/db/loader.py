@@ -36,6 +36,7 @@ COPY_CHUNK = 1024 * 1024
 STATISTICS_COLUMNS = tuple(contract.STATISTICS_SCHEMA)
 ERROR_COLUMNS = tuple(contract.ERROR_SCHEMA)
 VISITOR_COLUMNS = tuple(visitors.SUMMARY_SCHEMA)
+_SQL_TYPES = {pl.String: "text", pl.Date: "date", pl.Int64: "bigint"}
 
 
 # The merge rule of visitas.visitors, applied to the stored row (v) and the file's summary (s):
@@ -57,16 +58,23 @@ UPDATE {schema}.visitor AS v SET
             THEN v.visitas_mes_actual + s.visitas_mes_actual
         WHEN v.fecha_ultima_visita > s.fecha_ultima_visita THEN v.visitas_mes_actual
         ELSE s.visitas_mes_actual END,
+    opens_totales = v.opens_totales + s.opens_totales,
+    clicks_totales = v.clicks_totales + s.clicks_totales,
+    visitas_abiertas = v.visitas_abiertas + s.visitas_abiertas,
+    visitas_clicadas = v.visitas_clicadas + s.visitas_clicadas,
+    -- greatest() skips nulls; a row from before the engagement counters (null: unknown, see
+    -- migration 0005) stays unknown until it is rebuilt.
+    fecha_ultimo_open = CASE WHEN v.visitas_abiertas IS NOT NULL
+        THEN greatest(v.fecha_ultimo_open, s.fecha_ultimo_open) END,
+    fecha_ultimo_click = CASE WHEN v.visitas_clicadas IS NOT NULL
+        THEN greatest(v.fecha_ultimo_click, s.fecha_ultimo_click) END,
     updated_at = now()
 FROM visitas_stage AS s
 WHERE v.email = s.email
 """
 VISITOR_INSERT = """
-INSERT INTO {schema}.visitor (email, fecha_primera_visita, fecha_ultima_visita,
-    visitas_totales, visitas_anio_actual, visitas_mes_actual)
-SELECT email, fecha_primera_visita, fecha_ultima_visita, visitas_totales, visitas_anio_actual,
-       visitas_mes_actual
-FROM visitas_stage AS s
+INSERT INTO {schema}.visitor ({columns})
+SELECT {columns} FROM visitas_stage AS s
 WHERE NOT EXISTS (SELECT 1 FROM {schema}.visitor AS v WHERE v.email = s.email)
 ORDER BY email
 """
@@ -101,7 +109,8 @@ class ExtensionRace(retrying.RetryNow):
 def _counts(summary: SplitSummary) -> dict[str, object]:
     return {"rows_read": summary.rows_read, "rows_loaded": summary.rows_loaded,
             "rows_rejected": summary.rows_rejected, "error_count": summary.error_count,
-            "warnings": json.dumps(summary.warnings), "visitors": summary.visitors}
+            "warnings": json.dumps(summary.warnings), "visitors": summary.visitors,
+            "rows_opened": summary.rows_opened, "rows_clicked": summary.rows_clicked}
 
 
 class Loader:
@@ -167,7 +176,9 @@ class Loader:
                 conn.execute(self.db.q(
                     "UPDATE {schema}.load_log SET rows_loaded = %(rows_loaded)s,"
                     " rows_rejected = %(rows_rejected)s, error_count = %(error_count)s,"
-                    " warnings = %(warnings)s, visitors = %(visitors)s WHERE id = %(id)s"),
+                    " warnings = %(warnings)s, visitors = %(visitors)s,"
+                    " rows_opened = %(rows_opened)s, rows_clicked = %(rows_clicked)s"
+                    " WHERE id = %(id)s"),
                     {**_counts(summary), "id": load_id})
         copied = time.perf_counter()
         self._copy(conn, "errors", ERROR_COLUMNS, [_file_chunks(split_dir / "errors.copy")])
@@ -269,10 +280,10 @@ class Loader:
         summaries = pl.read_parquet(visitors_path)
         if summaries.height == 0:
             return
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS visitas_stage (email text, fecha_primera_visita date,"
-            " fecha_ultima_visita date, visitas_totales bigint, visitas_anio_actual bigint,"
-            " visitas_mes_actual bigint) ON COMMIT DELETE ROWS")
+        conn.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS visitas_stage ({})"
+                             " ON COMMIT DELETE ROWS").format(sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(_SQL_TYPES[dtype]))
+            for name, dtype in visitors.SUMMARY_SCHEMA.items())))
         with conn.cursor().copy(sql.SQL("COPY visitas_stage ({}) FROM STDIN").format(
                 sql.SQL(", ").join(map(sql.Identifier, VISITOR_COLUMNS)))) as copy:
             for start in range(0, summaries.height, 200_000):
@@ -281,7 +292,9 @@ class Loader:
         # Merges are serialised (the COPYs above are not): between the UPDATE and the INSERT no
         # other load adds a visitor.  The merge rule makes the result independent of load order.
         conn.execute(self.db.q(VISITOR_UPDATE))
-        conn.execute(self.db.q(VISITOR_INSERT))
+        conn.execute(sql.SQL(VISITOR_INSERT).format(
+            schema=sql.Identifier(self.db.schema),
+            columns=sql.SQL(", ").join(map(sql.Identifier, VISITOR_COLUMNS))))
 
     # ------------------------------------------------------------------ archive bookkeeping
 

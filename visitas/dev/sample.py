@@ -59,9 +59,14 @@ def _quoted_list(column: pl.Expr) -> pl.Expr:
     return pl.concat_str(pl.lit('"'), column, pl.lit('"'))
 
 
+ENGAGEMENT = ("opened", "clicked", "opens_total", "clicks_total", "opened_on", "clicked_on")
+
+
 def report_frame(rows: int, seed: int, visitors: int, file_index: int,
                  defect_rate: float) -> pl.DataFrame:
-    """One report's rows: ``line_no, line, defect, email_key, sent_at`` (sent_at null if defective)."""
+    """One report's rows: ``line_no, line, defect, email_key, sent_at`` (sent_at null if
+    defective) and the engagement each row states (``opened, clicked, opens_total, clicks_total,
+    opened_on, clicked_on``)."""
     s = seed * 1000 + file_index * 17
     idx = pl.int_range(0, rows, eager=True)
     visitor = pl.Series(range(visitors)).sample(rows, with_replacement=True, seed=s)
@@ -128,6 +133,13 @@ def report_frame(rows: int, seed: int, visitors: int, file_index: int,
         "defect",
         "email_key",
         pl.when(pl.col("defect").is_null()).then(pl.col("sent_at")).alias("sent_at"),
+        # What each row says of engagement, as written above (the truth of the metrics).
+        has_open.alias("opened"), has_click.alias("clicked"),
+        (pl.when(has_open).then(pl.col("opens") + 1).otherwise(0) + pl.col("roll") % 2)
+        .cast(pl.Int64).alias("opens_total"),
+        pl.when(has_click).then(pl.col("clicks") + 1).otherwise(0).cast(pl.Int64).alias("clicks_total"),
+        pl.when(has_open).then(opened_at.dt.date()).alias("opened_on"),
+        pl.when(has_click).then((opened_at + pl.duration(minutes=5)).dt.date()).alias("clicked_on"),
     )
 
 
@@ -186,7 +198,7 @@ def generate(out_dir: Path, files: int = 3, rows: int = 500, seed: int = 7,
         }
         truth_parts.append(frame.filter(pl.col("defect").is_null())
                            .select(pl.lit(name).alias("source_file"), "line_no",
-                                   pl.col("email_key").alias("email"), "sent_at"))
+                                   pl.col("email_key").alias("email"), "sent_at", *ENGAGEMENT))
     manifest = manifest or out_dir / "manifest.json"
     manifest.write_text(json.dumps(result, indent=1))
     pl.concat(truth_parts).write_parquet(manifest.with_name("truth.parquet"))

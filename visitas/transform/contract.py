@@ -33,6 +33,11 @@ STATISTICS: dict[str, tuple[pl.DataType, str]] = {
     "links": (pl.List(pl.String), "text[]"), "ips": (pl.List(pl.String), "text[]"),
     "navegadores": (pl.List(pl.String), "text[]"), "plataformas": (pl.List(pl.String), "text[]"),
     "source_file": (pl.String(), "text"), "line_no": (pl.Int64(), "bigint"),
+    # Calculated per row (:data:`ROW_METRICS`; formulas in the README's contract section).
+    "abierto": (pl.Boolean(), "boolean"), "clicado": (pl.Boolean(), "boolean"),
+    "minutos_a_open": (pl.Int64(), "bigint"), "minutos_a_click": (pl.Int64(), "bigint"),
+    "opens_totales": (pl.Int64(), "bigint"), "clicks_totales": (pl.Int64(), "bigint"),
+    "num_links": (pl.Int64(), "bigint"),
 }
 # Column names used inside visitas, by position in the file.
 COLUMNS: tuple[str, ...] = tuple(STATISTICS)[:15]
@@ -453,12 +458,46 @@ def validate_lines(
     return type_columns(raw.lazy(), verdicts.lazy(), max_line_bytes).collect(engine="in-memory")
 
 
+# --------------------------------------------------------------------------- calculated metrics
+
+def _total(own: str, viral: str) -> pl.Expr:
+    """own + viral, a missing count read as 0; null only when both are missing."""
+    both_missing = pl.col(own).is_null() & pl.col(viral).is_null()
+    return pl.when(both_missing).then(None).otherwise(
+        pl.col(own).fill_null(0) + pl.col(viral).fill_null(0))
+
+
+def _minutes_after_send(moment: str) -> pl.Expr:
+    """Whole minutes from Fecha envio (dates have minute precision); negative kept, null when
+    there is no such moment."""
+    return (pl.col(moment) - pl.col("fecha_envio")).dt.total_minutes()
+
+
+# The row metrics, column-wise on typed rows.  A visit is opened when it has an open date or
+# an open of its own (viral opens are opens of forwarded copies, by someone else); likewise
+# clicked.  A click does not imply an open: ``click_without_open`` already flags such rows.
+ROW_METRICS: dict[str, pl.Expr] = {
+    "abierto": pl.col("fecha_open").is_not_null() | (pl.col("opens").fill_null(0) > 0),
+    "clicado": pl.col("fecha_click").is_not_null() | (pl.col("clicks").fill_null(0) > 0),
+    "minutos_a_open": _minutes_after_send("fecha_open"),
+    "minutos_a_click": _minutes_after_send("fecha_click"),
+    "opens_totales": _total("opens", "opens_virales"),
+    "clicks_totales": _total("clicks", "clicks_virales"),
+    "num_links": pl.col("links").list.len().fill_null(0),
+}
+
+
+def with_row_metrics(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """Typed rows -> the same rows with the calculated columns of :data:`ROW_METRICS`."""
+    return rows.with_columns(expr.alias(name) for name, expr in ROW_METRICS.items())
+
+
 # --------------------------------------------------------------------------- split
 
 def statistics_rows(checked: pl.LazyFrame, source_file: str) -> pl.LazyFrame:
     """The valid rows, typed, with their source file and line number."""
     return (
-        checked.filter(pl.col("errors").list.len() == 0)
+        with_row_metrics(checked.filter(pl.col("errors").list.len() == 0))
         .with_columns(pl.lit(source_file).alias("source_file"))
         .select([pl.col(name).cast(dtype) for name, dtype in STATISTICS_SCHEMA.items()])
     )
@@ -487,9 +526,22 @@ def file_error_row(source_file: str, error: FileRejected, raw_line: str | None) 
 
 
 def visits(checked: pl.LazyFrame) -> pl.LazyFrame:
-    """A visit is a valid row dated by Fecha envio: ``email, sent_at`` (the visitor key)."""
-    return (checked.filter(pl.col("errors").list.len() == 0)
-            .select(pl.col("email_key").alias("email"), pl.col("fecha_envio").alias("sent_at")))
+    """A visit is a valid row dated by Fecha envio, with its engagement: ``email`` (the visitor
+    key), ``sent_at``, ``opened``, ``clicked``, ``opens``, ``clicks`` (totals, viral included),
+    ``opened_on`` and ``clicked_on`` (the dates of Fecha open and Fecha click)."""
+    return (with_row_metrics(checked.filter(pl.col("errors").list.len() == 0))
+            .select(pl.col("email_key").alias("email"), pl.col("fecha_envio").alias("sent_at"),
+                    pl.col("abierto").alias("opened"), pl.col("clicado").alias("clicked"),
+                    pl.col("opens_totales").alias("opens"), pl.col("clicks_totales").alias("clicks"),
+                    pl.col("fecha_open").dt.date().alias("opened_on"),
+                    pl.col("fecha_click").dt.date().alias("clicked_on")))
+
+
+def engagement_counts(checked: pl.LazyFrame) -> pl.LazyFrame:
+    """Valid rows opened and clicked (the per-file open and click rates of load_log)."""
+    valid = with_row_metrics(checked.filter(pl.col("errors").list.len() == 0))
+    return valid.select(pl.col("abierto").sum().alias("rows_opened"),
+                        pl.col("clicado").sum().alias("rows_clicked")).select(pl.all().cast(pl.Int64))
 
 
 def warning_counts(checked: pl.LazyFrame) -> pl.LazyFrame:

@@ -14,7 +14,13 @@ the year (month) count is the sum when both latest visits fall in the same year 
 the count of the side with the later visit, because every visit of the other side is in an
 earlier year (month).  The merge is associative and commutative, so loading files in any order,
 one at a time or concurrently, gives exactly the counters of all visits at once.  The database
-applies the same merge in SQL (``visitas.db.VISITOR_UPDATE``).
+applies the same merge in SQL (``visitas.db.loader.VISITOR_UPDATE``).
+
+Engagement counters, merged the same way (sums add, latest dates are the max):
+
+- ``opens_totales`` and ``clicks_totales``: opens and clicks, viral ones included;
+- ``visitas_abiertas`` and ``visitas_clicadas``: visits opened and visits clicked;
+- ``fecha_ultimo_open`` and ``fecha_ultimo_click``: date of the latest open and click (null: none).
 """
 
 from __future__ import annotations
@@ -24,11 +30,18 @@ import polars as pl
 SUMMARY_SCHEMA = {
     "email": pl.String, "fecha_primera_visita": pl.Date, "fecha_ultima_visita": pl.Date,
     "visitas_totales": pl.Int64, "visitas_anio_actual": pl.Int64, "visitas_mes_actual": pl.Int64,
+    "opens_totales": pl.Int64, "clicks_totales": pl.Int64, "visitas_abiertas": pl.Int64,
+    "visitas_clicadas": pl.Int64, "fecha_ultimo_open": pl.Date, "fecha_ultimo_click": pl.Date,
 }
 
 
+ENGAGEMENT_SUMS = ("opens_totales", "clicks_totales", "visitas_abiertas", "visitas_clicadas")
+ENGAGEMENT_DATES = ("fecha_ultimo_open", "fecha_ultimo_click")
+
+
 def visitor_rule(visits: pl.LazyFrame) -> pl.LazyFrame:
-    """``email, sent_at`` -> one row per visitor with the five counters (sorted by email)."""
+    """Visits (:func:`visitas.transform.contract.visits`) -> one row per visitor with the five
+    visit counters and the engagement counters (sorted by email)."""
     day = pl.col("sent_at").dt.date()
     return (
         visits.group_by("email")
@@ -38,6 +51,12 @@ def visitor_rule(visits: pl.LazyFrame) -> pl.LazyFrame:
             pl.len().alias("visitas_totales"),
             (day.dt.year() == day.max().dt.year()).sum().alias("visitas_anio_actual"),
             (day.dt.truncate("1mo") == day.max().dt.truncate("1mo")).sum().alias("visitas_mes_actual"),
+            pl.col("opens").sum().alias("opens_totales"),
+            pl.col("clicks").sum().alias("clicks_totales"),
+            pl.col("opened").sum().alias("visitas_abiertas"),
+            pl.col("clicked").sum().alias("visitas_clicadas"),
+            pl.col("opened_on").max().alias("fecha_ultimo_open"),
+            pl.col("clicked_on").max().alias("fecha_ultimo_click"),
         )
         .select([pl.col(name).cast(dtype) for name, dtype in SUMMARY_SCHEMA.items()])
         .sort("email")
@@ -57,6 +76,8 @@ def merge_rule(summaries: pl.LazyFrame) -> pl.LazyFrame:
             pl.col("visitas_anio_actual").filter(last.dt.year() == latest.dt.year()).sum(),
             pl.col("visitas_mes_actual")
             .filter(last.dt.truncate("1mo") == latest.dt.truncate("1mo")).sum(),
+            *[pl.col(name).sum() for name in ENGAGEMENT_SUMS],
+            *[pl.col(name).max() for name in ENGAGEMENT_DATES],
         )
         .select([pl.col(name).cast(dtype) for name, dtype in SUMMARY_SCHEMA.items()])
         .sort("email")

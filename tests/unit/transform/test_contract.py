@@ -128,8 +128,43 @@ def test_good_row_is_typed(check):
         "opens": 2, "opens_virales": 0, "fecha_click": None, "clicks": 0, "clicks_virales": 0,
         "links": None, "ips": ["65.49.14.78", "65.49.14.93"], "navegadores": ["IE 9.0"],
         "plataformas": ["Windows"], "source_file": "report_1.txt", "line_no": 2,
+        "abierto": True, "clicado": False, "minutos_a_open": 30, "minutos_a_click": None,
+        "opens_totales": 2, "clicks_totales": 0, "num_links": 0,
     }], schema=contract.STATISTICS_SCHEMA)
     assert_frame_equal(stats, expected)
+
+
+METRICS = ("abierto", "clicado", "minutos_a_open", "minutos_a_click", "opens_totales",
+           "clicks_totales", "num_links")
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    # an open and a click a day later, with viral ones and two links
+    (dict(fecha_click="09/02/2013 18:45", clicks="3", clicks_virales="2", opens_virales="4",
+          links="http://a.mx/1,http://a.mx/2"),
+     (True, True, 30, 1455, 6, 5, 2)),
+    # no open date, but opens counted: opened; a click date alone: clicked
+    (dict(fecha_open="-", opens="1", fecha_click="08/02/2013 18:31", clicks="0"),
+     (True, True, None, 1, 1, 0, 0)),
+    # nothing: not opened, not clicked, no minutes
+    (dict(fecha_open="-", opens="0"), (False, False, None, None, 0, 0, 0)),
+    # viral opens alone are someone else's: not opened by the visitor
+    (dict(fecha_open="-", opens="0", opens_virales="5"), (False, False, None, None, 5, 0, 0)),
+    # dates before the send keep their negative minutes (the *_before_send warnings flag them)
+    (dict(fecha_open="08/02/2013 18:00", fecha_click="07/02/2013 18:30"),
+     (True, True, -30, -1440, 2, 0, 0)),
+    # missing counts: a total is null only when both of its counts are missing
+    (dict(opens="-", opens_virales="", clicks="", clicks_virales="7"),
+     (True, False, 30, None, None, 7, 0)),
+])
+def test_row_metrics(check, changes, expected):
+    stats = contract.statistics_rows(check(row(**changes)).lazy(), "f").collect()
+    assert stats.select(METRICS).row(0) == expected
+
+
+def test_engagement_counts_count_valid_rows_only(check):
+    checked = check(row(), row(fecha_open="-", opens="0", clicks="1"), row(fecha_envio="x"))
+    assert contract.engagement_counts(checked.lazy()).collect().row(0) == (1, 1)
 
 
 def test_statistics_keep_the_trimmed_email_and_visits_use_the_lower_cased_key(check):
