@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import polars as pl
 import psycopg
 
 from visitas import db
@@ -41,8 +42,12 @@ def test_run_with_rejections_mails_one_report(make_env, smtp):
                                   f" 0 duplicate, 0 failed, {rejected} rows rejected")
     assert message["X-Envelope-To"] == "ops@example.com, data@example.com"
     body = message.get_body(("plain",)).get_content()
+    truth = env.truth(manifest)
     for name, info in manifest["files"].items():
-        assert f"{name:<28} loaded     {info['rows']:>9} {info['valid_rows']:>9} {info['rejected_rows']:>9}" in body
+        mine = truth.filter(pl.col("source_file") == name)
+        opened, clicked = (f"{100 * mine[c].sum() / mine.height:.1f}%" for c in ("opened", "clicked"))
+        assert (f"{name:<28} loaded     {info['rows']:>9} {info['valid_rows']:>9}"
+                f" {info['rejected_rows']:>9} {opened:>7} {clicked:>7}") in body
     assert "field_count" in body and "invalid_email" in body and "report_1.txt:" in body
     filename, rows = _attachment(message)
     assert filename.endswith(".csv") and len(rows) == 5  # capped
@@ -94,14 +99,15 @@ def test_a_failed_task_sends_the_run_mail_and_luigis_own_error_mail(make_env, sm
 def test_monthly_report_command(env):
     env.generate(files=2, rows=80, defects=0.1)
     assert env.luigi("--date", "2026-10-31").returncode == 0
-    env.generate(files=1, rows=40, first_number=3, seed=3)
+    november = env.generate(files=1, rows=40, first_number=3, seed=3)
     assert env.luigi("--date", "2026-11-02").returncode == 0
     environ = env.environment()
     visitas = str(Path(sys.executable).with_name("visitas"))
 
     def report(*args):
         done = subprocess.run([visitas, "report", *args], cwd=env.tmp, env=environ,
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
         return done.stdout
 
     rows = json.loads(report("--month", "2026-10", "--to", "2026-11", "--format", "json"))
@@ -113,9 +119,15 @@ def test_monthly_report_command(env):
         t = totals[month]
         assert (t["files_loaded"], t["rows_read"], t["rows_loaded"], t["rows_rejected"]) == (
             files, read, loaded, rejected)
+    # Open and click rates: the loaded rows opened (clicked) by their visitor, as generated.
+    truth = env.truth(november)
+    assert (totals["2026-11"]["open_rate"], totals["2026-11"]["click_rate"]) == (
+        round(truth["opened"].sum() / truth.height, 4), round(truth["clicked"].sum() / truth.height, 4))
     table = report("--month", "2026-10").splitlines()
     assert table[0].split() == ["month", "file_name", "host", "files_loaded", "files_rejected",
-                                "files_duplicate", "rows_read", "rows_loaded", "rows_rejected"]
+                                "files_duplicate", "rows_read", "rows_loaded", "rows_rejected",
+                                "open_rate", "click_rate"]
+    assert table[2].split()[-2].endswith("%") and table[2].split()[-1].endswith("%")
     assert len({len(line) for line in table[:4]}) == 1  # aligned columns
     assert "2026-11" not in "\n".join(table)
     lines = report("--month", "2026-11", "--format", "csv").splitlines()

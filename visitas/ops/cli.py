@@ -2,6 +2,7 @@
 
     visitas validate FILE... [--format text|json]        the contract on local files (no config)
     visitas report --month 2026-11 [--to 2026-12] [--format table|csv|json]   (needs [postgres])
+    visitas rebuild [--backups DIR] [--schema S] [--apply]   the visitor table from the backups
 
 The configuration is Luigi's (``luigi.cfg`` in the working directory, then ``LUIGI_CONFIG_PATH``).
 Configuration and connection problems end in one line on stderr; ``--debug`` shows the traceback.
@@ -16,7 +17,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-EXIT_PROBLEM, EXIT_USAGE = 1, 2
+EXIT_PROBLEM, EXIT_USAGE, EXIT_DIFFERENT = 1, 2, 3
 
 
 def _version() -> str:
@@ -40,10 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--month", default=f"{dt.date.today():%Y-%m}", help="YYYY-MM (default: this month)")
     report.add_argument("--to", default=None, help="last month of a range, YYYY-MM")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    rebuild = sub.add_parser(
+        "rebuild", help="replay the archived reports load_log says were loaded into a scratch"
+                        " schema and compare its visitor table with the live one; exit 0 if"
+                        " identical (or applied), 3 if they differ")
+    rebuild.add_argument("--backups", type=Path, default=None,
+                         help="folder of the backup zips (default: [paths] backup_dir)")
+    rebuild.add_argument("--schema", default=None,
+                         help="scratch schema for the rebuilt tables (default: visitas_rebuild)")
+    rebuild.add_argument("--apply", action="store_true",
+                         help="replace the live visitor table with the rebuilt one (one transaction)")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command == "rebuild":
+            return _rebuild(args)
         return _report(args, parser)
     except Exception as error:  # one line for the operator; --debug for the engineer
         if args.debug:
@@ -89,6 +102,29 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     rows = monthly.monthly_rows(db.database(), first, last)
     sys.stdout.write(monthly.render(rows, args.format))
     return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from visitas import config
+    from visitas.db import Database
+    from visitas.ops import rebuild
+    from visitas.runtime import logsetup, retrying
+
+    logsetup.configure()
+    cfg, load, paths = config.postgres(), config.load(), config.paths()
+    live = Database.from_config()
+    scratch = Database(cfg.resolved_dsn(), args.schema or rebuild.DEFAULT_SCHEMA,
+                       retrying.from_config(), cfg.lock_wait)
+    job = rebuild.Rebuild(
+        live, scratch, args.backups or Path(paths.backup_dir),
+        Path(paths.resolved_state_dir()) / "rebuild",
+        rebuild.Settings(load.batch_mb * 1024 * 1024, load.parallel_batches, load.max_line_bytes),
+        progress=lambda line: print(line, file=sys.stderr))
+    outcome = job.run()
+    if args.apply and not outcome.identical:
+        job.apply(outcome)
+    sys.stdout.write(rebuild.render(outcome, scratch.schema))
+    return 0 if outcome.identical or outcome.applied else EXIT_DIFFERENT
 
 
 if __name__ == "__main__":

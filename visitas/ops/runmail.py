@@ -24,6 +24,7 @@ import luigi
 import psycopg.rows
 
 from visitas import config
+from visitas.ops.monthly import percent
 from visitas.paths import RunPaths
 from visitas.runtime import logsetup, runinfo
 
@@ -120,7 +121,8 @@ def gather(run_date: dt.date) -> dict:
             cur = conn.cursor(row_factory=psycopg.rows.dict_row)
             files = cur.execute(database.q(
                 "SELECT id, file_name, status, rows_read, rows_loaded, rows_rejected, reason,"
-                " message, encoding, warnings FROM {schema}.load_log WHERE run_id = %s ORDER BY id"),
+                " message, encoding, warnings, rows_opened, rows_clicked FROM {schema}.load_log"
+                " WHERE run_id = %s ORDER BY id"),
                 (runinfo.run_id(),)).fetchall()
             ids = [f["id"] for f in files]
             reasons = cur.execute(database.q(
@@ -157,11 +159,15 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
         subject += f", {len(deferred)} left at the source"
     lines = [f"visitas run {report['run_id']} for {report['run_date']}", ""]
     if files:
-        lines.append(f"{'file':<28} {'status':<10} {'read':>9} {'loaded':>9} {'rejected':>9}  note")
+        lines.append(f"{'file':<28} {'status':<10} {'read':>9} {'loaded':>9} {'rejected':>9}"
+                     f" {'opened':>7} {'clicked':>7}  note")
         for f in files:
             note = f["message"] if f["status"] != "loaded" else ""
             lines.append(f"{f['file_name']:<28} {f['status']:<10} {f['rows_read']:>9} "
-                         f"{f['rows_loaded']:>9} {f['rows_rejected']:>9}  {note or ''}")
+                         f"{f['rows_loaded']:>9} {f['rows_rejected']:>9} "
+                         f"{percent(f['rows_opened'], f['rows_loaded']):>7} "
+                         f"{percent(f['rows_clicked'], f['rows_loaded']):>7}  {note or ''}")
+        lines.append("(opened, clicked: the loaded rows opened or clicked by their visitor)")
     else:
         lines.append("No file was loaded, rejected or recorded as duplicate in this run.")
     if report["reasons"]:
