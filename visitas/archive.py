@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -48,6 +49,44 @@ class ArchiveError(Exception):
 
 def zip_name(run_date: dt.date) -> str:
     return f"visitas_{run_date:%Y%m%d}.zip"
+
+
+_ZIP_NAME = re.compile(r"^visitas_(\d{8})\.zip$")
+
+
+def prune_backups(backup_dir: Path, keep_days: int, today: dt.date, current: dt.date) -> list[Path]:
+    """Delete the zips (with their lock files) of run dates more than ``keep_days`` before
+    ``today``, never the ``current`` run date's; returns what was deleted.  Only names this
+    module makes are touched; a zip being appended to is left for the next call."""
+    if keep_days <= 0 or not backup_dir.is_dir():
+        return []
+    oldest = today - dt.timedelta(days=keep_days)
+    deleted = []
+    for path in sorted(backup_dir.iterdir()):
+        found = _ZIP_NAME.match(path.name)
+        if not found:
+            continue
+        try:
+            day = dt.datetime.strptime(found.group(1), "%Y%m%d").date()
+        except ValueError:
+            continue
+        if day >= oldest or day == current:
+            continue
+        lock = path.with_name(f".{path.name}.lock")
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a worker is appending to it (a backfill of that date)
+            if _journal_of(path).exists():
+                continue  # an interrupted append: the next add_to_archive call repairs it first
+            path.unlink()
+            lock.unlink(missing_ok=True)
+            deleted.append(path)
+    if deleted:
+        log.info("deleted %d backup zip(s) older than %d days ([paths] keep_backups_days): %s",
+                 len(deleted), keep_days, ", ".join(p.name for p in deleted))
+    return deleted
 
 
 def member_sha256(archive: zipfile.ZipFile, member: str) -> str:

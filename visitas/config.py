@@ -51,6 +51,11 @@ class paths(luigi.Config):  # noqa: N801
     backup_dir = luigi.Parameter(default="/home/etl/visitas/bckp")
     state_dir = luigi.Parameter(default="", description="intermediate files and task markers;"
                                                         " default: download_dir + '-state'")
+    keep_backups_days = luigi.IntParameter(
+        default=0, description="delete backup zips of run dates older than this many days;"
+                               " 0: keep all")
+    metrics_file = luigi.Parameter(
+        default="", description="Prometheus textfile written after each `visitas run`; empty: none")
 
     def resolved_state_dir(self) -> str:
         return self.state_dir or self.download_dir.rstrip("/") + "-state"
@@ -66,6 +71,10 @@ class notify(luigi.Config):  # noqa: N801
     recipients = luigi.Parameter(default="", description="comma-separated; empty: no mail")
     send_always = luigi.BoolParameter(default=False, description="mail after every run, not only on problems")
     max_attachment_rows = luigi.IntParameter(default=10000)
+    stale_after_hours = luigi.FloatParameter(
+        default=26.0, description="no file at the source and none received for longer than this:"
+                                  " the run mail goes out and `visitas run` exits missing_data;"
+                                  " 0: never")
 
 
 class load(luigi.Config):  # noqa: N801

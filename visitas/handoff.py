@@ -67,6 +67,8 @@ class SplitSummary(Verdict):
     visitors: int = 0
     rows_opened: int = 0
     rows_clicked: int = 0
+    # Error rows by reason code (kept in load_log: errors is emptied every run date).
+    error_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -271,6 +271,8 @@ class ArchiveZip(FileTask):
                                        config.load().zip_level,
                                        packed=self.paths.deflated(self.file_name))
         load_log.mark_archived(self.file_name, verdict.sha256, where)
+        archive.prune_backups(Path(config.paths().backup_dir), config.paths().keep_backups_days,
+                              dt.date.today(), self.date)
         source = sftp.source()
         removed = False
         if self._unchanged_at_source(source, Path(downloaded["remote"].path)):
@@ -321,6 +323,8 @@ class RunAll(luigi.WrapperTask):
             log.info("%d report(s) on the server: %s", len(listed),
                      ", ".join(r.name for r in listed) or "none")
             self._reports = [r for r in listed if self._old_enough(r)]
+            if not listed:
+                self._check_silence()
         return [self._chain(r, rank) for rank, r in enumerate(
             sorted(self._reports, key=lambda r: r.size, reverse=True))]
 
@@ -331,6 +335,22 @@ class RunAll(luigi.WrapperTask):
         task = ArchiveZip(date=self.date, host=self.host, file_name=report.name)
         task.priority = rank
         return task
+
+    @staticmethod
+    def _check_silence() -> None:
+        """Nothing at the source: has the partner been silent longer than ``[notify]
+        stale_after_hours``?  Then the run mail says since when."""
+        hours = config.notify().stale_after_hours
+        if hours <= 0:
+            return
+        last = db.load_log().last_received()
+        if last is not None and dt.datetime.now(dt.UTC) - last[1] <= dt.timedelta(hours=hours):
+            return
+        file_name, at = last if last else (None, None)
+        log.warning("no file at the source, and %s: longer than [notify] stale_after_hours"
+                    " (%g h)", f"the last one ({file_name}) was received at {at:%Y-%m-%d %H:%M %Z}"
+                    if at else "none was ever received", hours)
+        runmail.record_silence(file_name, at, hours)
 
     @staticmethod
     def _old_enough(report: sftp.RemoteFile) -> bool:

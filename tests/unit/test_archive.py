@@ -188,3 +188,26 @@ def test_an_append_a_crash_interrupted_is_undone_by_the_next_call(tmp_path, monk
         assert result.namelist() == ["report_1.txt", "report_3.txt"]
         assert result.read("report_1.txt") == b"first file\n" * 100
     assert zip_path.read_bytes()[:start] == before[:start]  # report_1.txt's bytes never rewritten
+
+
+def test_backups_older_than_the_retention_are_deleted_and_nothing_else(tmp_path):
+    import datetime as dt
+    import fcntl
+
+    today = dt.date(2026, 11, 29)
+    names = ["visitas_20261029.zip", "visitas_20261030.zip", "visitas_20261128.zip",
+             "visitas_20260101.zip", "visitas_20250101.zip", "visitas_20261001.zip",
+             "visitas_20261002.zip", "notes.txt", "visitas_2026.zip", "visitas_20261399.zip"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".visitas_20261029.zip.lock").write_bytes(b"")
+    (tmp_path / ".visitas_20261002.zip.journal").write_bytes(b"")  # an interrupted append
+    with open(tmp_path / ".visitas_20261001.zip.lock", "a") as busy:
+        fcntl.flock(busy, fcntl.LOCK_EX)  # being appended to by another worker
+        deleted = archive.prune_backups(tmp_path, 30, today, current=dt.date(2026, 1, 1))
+    assert sorted(p.name for p in deleted) == ["visitas_20250101.zip", "visitas_20261029.zip"]
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+    assert left == sorted(set(names) - {"visitas_20250101.zip", "visitas_20261029.zip"}
+                          | {".visitas_20261002.zip.journal"})
+    assert not (tmp_path / ".visitas_20261029.zip.lock").exists()
+    assert archive.prune_backups(tmp_path, 0, today, today) == []  # 0: keep all

@@ -66,6 +66,13 @@ class Database:
                 self._schema_ready = True
         return self._conn
 
+    def probe(self) -> psycopg.Connection:
+        """A connection of its own, without migrating anything (``visitas check``); the caller
+        closes it (``with``)."""
+        conn = self._connect()
+        conn.autocommit = True
+        return conn
+
     def _connect(self) -> psycopg.Connection:
         """Connect; errors are raised again with no secret in them (masked at the source, so
         tracebacks, Luigi's mails and luigid's error view stay clean too)."""

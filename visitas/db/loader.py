@@ -110,7 +110,8 @@ def _counts(summary: SplitSummary) -> dict[str, object]:
     return {"rows_read": summary.rows_read, "rows_loaded": summary.rows_loaded,
             "rows_rejected": summary.rows_rejected, "error_count": summary.error_count,
             "warnings": json.dumps(summary.warnings), "visitors": summary.visitors,
-            "rows_opened": summary.rows_opened, "rows_clicked": summary.rows_clicked}
+            "rows_opened": summary.rows_opened, "rows_clicked": summary.rows_clicked,
+            "error_reasons": json.dumps(summary.error_reasons, sort_keys=True)}
 
 
 class Loader:
@@ -177,8 +178,8 @@ class Loader:
                     "UPDATE {schema}.load_log SET rows_loaded = %(rows_loaded)s,"
                     " rows_rejected = %(rows_rejected)s, error_count = %(error_count)s,"
                     " warnings = %(warnings)s, visitors = %(visitors)s,"
-                    " rows_opened = %(rows_opened)s, rows_clicked = %(rows_clicked)s"
-                    " WHERE id = %(id)s"),
+                    " rows_opened = %(rows_opened)s, rows_clicked = %(rows_clicked)s,"
+                    " error_reasons = %(error_reasons)s WHERE id = %(id)s"),
                     {**_counts(summary), "id": load_id})
         copied = time.perf_counter()
         self._copy(conn, "errors", ERROR_COLUMNS, [_file_chunks(split_dir / "errors.copy")])

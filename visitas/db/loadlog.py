@@ -82,7 +82,8 @@ class LoadLog:
             load_id = self.insert(
                 conn, file_name=file_name, sha256=sha256, size_bytes=size, run_date=run_date,
                 run_id=run_id, status="failed", reason="load_error",
-                message=message, started_at=started_at)
+                message=message, started_at=started_at, error_count=1,
+                error_reasons='{"load_error": 1}')
             conn.execute(self.db.q(
                 "INSERT INTO {schema}.errors (source_file, line_no, column_name, reason, message,"
                 " load_id) VALUES (%s, 0, '(file)', 'load_error', %s, %s)"),
@@ -116,6 +117,12 @@ class LoadLog:
         if row is None:
             raise LookupError(f"load_log has no row {load_id}")
         return LoadResult.of_row(row)
+
+    def last_received(self) -> tuple[str, dt.datetime] | None:
+        """The newest file handled (any status) and when its handling started."""
+        row = self.db.fetch_one("reading load_log", "SELECT file_name, started_at FROM"
+                                " {schema}.load_log ORDER BY started_at DESC, id DESC LIMIT 1", ())
+        return (row[0], row[1]) if row else None
 
     # ------------------------------------------------------------------ archive bookkeeping
 

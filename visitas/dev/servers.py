@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from visitas.ops.runner import RETCODES  # luigi.cfg's [retcode]: the numbers `visitas run` uses
+
 PG_SYSTEM_USER = "visitas-pg"
-# The exit codes of luigi.cfg, for the configurations written here.
-RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30,
-            "scheduling_error": 35, "unhandled_exception": 40}
 
 
 def luigi_config(base: Path, sftp: dict[str, object], schema: str, *overrides: str,

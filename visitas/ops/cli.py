@@ -1,5 +1,8 @@
 """The ``visitas`` command: operator tools beside the Luigi pipeline.
 
+    visitas run [--date D] [--workers N] [--scheduler-host H --scheduler-port P]   the pipeline
+    visitas check                                        preflight, one line per check
+    visitas status [--date D]                            what is pending, failed, last run
     visitas validate FILE... [--format text|json]        the contract on local files (no config)
     visitas report --month 2026-11 [--to 2026-12] [--format table|csv|json]   (needs [postgres])
     visitas rebuild [--backups DIR] [--schema S] [--apply]   the visitor table from the backups
@@ -41,6 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--month", default=f"{dt.date.today():%Y-%m}", help="YYYY-MM (default: this month)")
     report.add_argument("--to", default=None, help="last month of a range, YYYY-MM")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    run = sub.add_parser(
+        "run", help="run the pipeline for a run date (the cron line); exit codes: 0 success, 10 already"
+                    " running, 20 no file for longer than [notify] stale_after_hours, 25 not run,"
+                    " 30 a task failed, 35 scheduling error, 40 unexpected error")
+    run.add_argument("--date", type=dt.date.fromisoformat, default=dt.date.today(),
+                     help="run date, YYYY-MM-DD (default: today)")
+    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    run.add_argument("--scheduler-host", default=None,
+                     help="luigid's host (default: a local scheduler, no luigid)")
+    run.add_argument("--scheduler-port", type=int, default=None, help="luigid's port (default 8082)")
+    sub.add_parser("check", help="preflight: configuration, SFTP host key and login, database and"
+                                 " privileges, SMTP, folders; one line each, exit 1 if any fails")
+    status = sub.add_parser("status", help="files at the source, loads not archived or not removed,"
+                                           " failed files, the last successful run, the last file")
+    status.add_argument("--date", type=dt.date.fromisoformat, default=dt.date.today(),
+                        help="run date whose files are listed (default: today)")
     rebuild = sub.add_parser(
         "rebuild", help="replay the archived reports load_log says were loaded into a scratch"
                         " schema and compare its visitor table with the live one; exit 0 if"
@@ -57,6 +76,22 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command == "rebuild":
             return _rebuild(args)
+        if args.command == "check":
+            return _check()
+        if args.command == "status":
+            from visitas.ops import status as operator_status
+            from visitas.runtime import logsetup
+
+            logsetup.configure()
+            for name in ("visitas", "paramiko"):  # the listing is the output
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            listing, complete = operator_status.render(operator_status.gather(args.date))
+            sys.stdout.write(listing)
+            return 0 if complete else EXIT_PROBLEM
+        if args.command == "run":
+            from visitas.ops import runner
+
+            return runner.run(args.date, args.workers, args.scheduler_host, args.scheduler_port)
         return _report(args, parser)
     except Exception as error:  # one line for the operator; --debug for the engineer
         if args.debug:
@@ -102,6 +137,16 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     rows = monthly.monthly_rows(db.database(), first, last)
     sys.stdout.write(monthly.render(rows, args.format))
     return 0
+
+
+def _check() -> int:
+    from visitas.ops import preflight
+
+    for name in ("visitas", "paramiko"):  # the lines are the output
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    checks = preflight.run_checks()
+    sys.stdout.write(preflight.render(checks))
+    return 0 if all(c.ok for c in checks) else EXIT_PROBLEM
 
 
 def _rebuild(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import csv
 import datetime as dt
+import html
 import io
 import json
 import logging
@@ -55,6 +56,19 @@ def record_deferred(file_name: str, why: str) -> None:
              "at": dt.datetime.now().isoformat(timespec="seconds")})
 
 
+def record_silence(last_file: str | None, last_at: dt.datetime | None, hours: float) -> None:
+    """No file at the source and none received for longer than ``[notify] stale_after_hours``:
+    the run mail goes out and says since when (``visitas run`` exits with missing_data)."""
+    _append({"kind": "silence", "last_file": last_file,
+             "last_at": last_at.isoformat(timespec="seconds") if last_at else None,
+             "stale_after_hours": hours, "at": dt.datetime.now().isoformat(timespec="seconds")})
+
+
+def silence_of(events: list[dict]) -> dict | None:
+    """This run's silence record, if any."""
+    return next((e for e in events if e.get("kind") == "silence"), None)
+
+
 def _append(entry: dict) -> None:
     path = failures_file()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -97,7 +111,7 @@ def prune_failure_files(keep_days: int = 30) -> None:
             path.unlink(missing_ok=True)
 
 
-def _read_events() -> list[dict]:
+def read_events() -> list[dict]:
     path = failures_file()
     if not path.exists():
         return []
@@ -108,11 +122,12 @@ def gather(run_date: dt.date) -> dict:
     """What this run did: its load_log rows, error reasons with examples, failures."""
     from visitas import db
 
-    events = _read_events()
+    events = read_events()
     deferred = {e["file"]: e for e in events if e.get("kind") == "deferred"}
     report = {"run_id": runinfo.run_id(), "run_date": run_date.isoformat(), "files": [], "reasons": [],
               "errors": [], "failures": [e for e in events if e.get("kind", "failure") == "failure"],
-              "deferred": list(deferred.values()), "database_error": None}
+              "deferred": list(deferred.values()), "silence": silence_of(events),
+              "database_error": None}
     limit = config.notify().max_attachment_rows
     try:
         database = db.database()
@@ -121,7 +136,8 @@ def gather(run_date: dt.date) -> dict:
             cur = conn.cursor(row_factory=psycopg.rows.dict_row)
             files = cur.execute(database.q(
                 "SELECT id, file_name, status, rows_read, rows_loaded, rows_rejected, reason,"
-                " message, encoding, warnings, rows_opened, rows_clicked FROM {schema}.load_log"
+                " message, encoding, warnings, rows_opened, rows_clicked, error_reasons"
+                " FROM {schema}.load_log"
                 " WHERE run_id = %s ORDER BY id"),
                 (runinfo.run_id(),)).fetchall()
             ids = [f["id"] for f in files]
@@ -143,7 +159,8 @@ def gather(run_date: dt.date) -> dict:
 
 def needs_mail(report: dict) -> bool:
     bad_file = any(f["status"] != "loaded" or f["rows_rejected"] for f in report["files"])
-    return bool(bad_file or report["failures"] or report.get("deferred") or report["database_error"])
+    return bool(bad_file or report["failures"] or report.get("deferred") or report.get("silence")
+                or report["database_error"])
 
 
 def compose(report: dict, sender: str, recipients: list[str], limit: int) -> EmailMessage:
@@ -157,16 +174,20 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
     deferred = report.get("deferred", [])
     if deferred:
         subject += f", {len(deferred)} left at the source"
+    silence = report.get("silence")
+    if silence:
+        subject = (f"[visitas] run {report['run_date']}: NO FILE received for more than"
+                   f" {silence['stale_after_hours']:g} h")
     lines = [f"visitas run {report['run_id']} for {report['run_date']}", ""]
+    if silence:
+        lines += [_silence_text(silence), ""]
+    table = _file_table(files)
     if files:
-        lines.append(f"{'file':<28} {'status':<10} {'read':>9} {'loaded':>9} {'rejected':>9}"
-                     f" {'opened':>7} {'clicked':>7}  note")
-        for f in files:
-            note = f["message"] if f["status"] != "loaded" else ""
-            lines.append(f"{f['file_name']:<28} {f['status']:<10} {f['rows_read']:>9} "
-                         f"{f['rows_loaded']:>9} {f['rows_rejected']:>9} "
-                         f"{percent(f['rows_opened'], f['rows_loaded']):>7} "
-                         f"{percent(f['rows_clicked'], f['rows_loaded']):>7}  {note or ''}")
+        widths = (28, 10, 9, 9, 9, 7, 7)
+        for row in table:
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]),
+                     *(cell.rjust(width) for cell, width in zip(row[2:7], widths[2:], strict=True))]
+            lines.append(" ".join(cells) + "  " + row[7])
         lines.append("(opened, clicked: the loaded rows opened or clicked by their visitor)")
     else:
         lines.append("No file was loaded, rejected or recorded as duplicate in this run.")
@@ -184,6 +205,7 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
     message = EmailMessage()
     message["Subject"], message["From"], message["To"] = subject, sender, ", ".join(recipients)
     message.set_content("\n".join(lines) + "\n")
+    message.add_alternative(_html(report, subject, table), subtype="html")
     if report["errors"]:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(report["errors"][0]))
@@ -194,6 +216,63 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
         message.add_attachment(buffer.getvalue().encode("utf-8"), maintype="text", subtype="csv",
                                filename=f"visitas_errors_{report['run_date']}.csv")
     return message
+
+
+FILE_COLUMNS = ("file", "status", "read", "loaded", "rejected", "opened", "clicked", "note")
+
+
+def _file_table(files: list[dict]) -> list[list[str]]:
+    """The per-file table of both parts of the mail, header first (cells as text)."""
+    rows = [list(FILE_COLUMNS)]
+    for f in files:
+        rows.append([f["file_name"], f["status"], str(f["rows_read"]), str(f["rows_loaded"]),
+                     str(f["rows_rejected"]), percent(f.get("rows_opened"), f["rows_loaded"]),
+                     percent(f.get("rows_clicked"), f["rows_loaded"]),
+                     (f["message"] if f["status"] != "loaded" else "") or ""])
+    return rows
+
+
+def _silence_text(silence: dict) -> str:
+    since = (f"the last file, {silence['last_file']}, was received at {silence['last_at']}"
+             if silence.get("last_at") else "no file has ever been received")
+    return (f"NO FILE: none at the source and none received for more than"
+            f" {silence['stale_after_hours']:g} hours ([notify] stale_after_hours): {since}.")
+
+
+def _html(report: dict, subject: str, table: list[list[str]]) -> str:
+    """The HTML part: the same tables as the text part."""
+    def cells(row: list[str], tag: str) -> str:
+        return "".join(f'<{tag} style="padding:2px 8px;text-align:{"left" if i in (0, 1, 7) else "right"}">'
+                       f"{html.escape(c)}</{tag}>" for i, c in enumerate(row))
+
+    parts = [f"<h3>{html.escape(subject)}</h3>",
+             f"<p>visitas run {html.escape(report['run_id'])} for {html.escape(report['run_date'])}</p>"]
+    if report.get("silence"):
+        parts.append(f"<p><b>{html.escape(_silence_text(report['silence']))}</b></p>")
+    if report["files"]:
+        body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in table[1:])
+        parts.append(f'<table border="1" cellspacing="0"><thead><tr>{cells(table[0], "th")}</tr>'
+                     f"</thead><tbody>{body}</tbody></table>"
+                     "<p>opened, clicked: the loaded rows opened or clicked by their visitor</p>")
+    else:
+        parts.append("<p>No file was loaded, rejected or recorded as duplicate in this run.</p>")
+    if report["reasons"]:
+        rows = "".join(f"<tr><td>{html.escape(r['reason'])}</td><td style=\"text-align:right\">{r['n']}"
+                       f"</td><td>{html.escape(r['example'] or '')}</td></tr>" for r in report["reasons"])
+        parts.append("<h4>Most common error reasons</h4><table border=\"1\" cellspacing=\"0\">"
+                     f"<tr><th>reason</th><th>count</th><th>first example</th></tr>{rows}</table>")
+    lists = [("Left at the source for a later run (still being written)",
+              [f"{d['file']}: {d['why']}" for d in report.get("deferred", [])]),
+             ("Failures (the next run resumes them; nothing was lost)",
+              [f"{f['at']} {f['task']}: {f['error']}" for f in report["failures"]])]
+    for title, items in lists:
+        if items:
+            parts.append(f"<h4>{title}</h4><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items)
+                         + "</ul>")
+    if report["database_error"]:
+        parts.append(f"<p>The database could not be read for this report:"
+                     f" {html.escape(report['database_error'])}</p>")
+    return "<!DOCTYPE html><html><body>" + "".join(parts) + "</body></html>\n"
 
 
 def send_run_mail(run_date: dt.date) -> bool:

@@ -1,7 +1,13 @@
-"""Logging for visitas: stderr and a rotating file, configured once per process, secrets masked."""
+"""Logging for visitas: stderr and a rotating file, configured once per process, secrets masked.
+
+With ``--workers N`` each task runs in a process of its own, all writing the same file: records
+go out as single ``O_APPEND`` writes, and whichever process finds the file full rotates it under
+a file lock; the others notice the new file by its inode and reopen.  (``RotatingFileHandler``
+rotates per process: two processes rotating at once shift each other's backups.)"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -75,6 +81,67 @@ class SecretFilter(logging.Filter):
         return True
 
 
+class SharedRotatingFileHandler(logging.Handler):
+    """A size-rotated log file that several processes write at once without losing lines."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int):
+        super().__init__()
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self._fd = -1
+        self._inode = -1
+        self._open()
+
+    def _open(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._inode = os.fstat(self._fd).st_ino
+
+    def _moved(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            if self._moved():
+                self._open()
+            if self.max_bytes and os.fstat(self._fd).st_size + len(data) > self.max_bytes:
+                self._rotate(len(data))
+            os.write(self._fd, data)  # one write per record: O_APPEND keeps records whole
+        except Exception:
+            self.handleError(record)
+
+    def _rotate(self, incoming: int) -> None:
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:  # another process may have rotated it meanwhile
+                if os.stat(self.path).st_size + incoming <= self.max_bytes:
+                    self._open()
+                    return
+            except FileNotFoundError:
+                self._open()
+                return
+            if self.backups > 0:
+                for n in range(self.backups - 1, 0, -1):
+                    older = self.path.with_name(f"{self.path.name}.{n}")
+                    if older.exists():
+                        os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+                os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            else:
+                self.path.unlink()
+            self._open()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
+
+
 def configure() -> None:
     """Once per process: files private to the ETL user (reports hold personal data), and
     handlers on the ``visitas`` logger (and Luigi's, for the file)."""
@@ -96,9 +163,7 @@ def configure() -> None:
     if settings.path:
         path = Path(settings.path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        rotating = logging.handlers.RotatingFileHandler(
-            path, maxBytes=settings.max_mb * 1024 * 1024, backupCount=settings.backups,
-            encoding="utf-8")
+        rotating = SharedRotatingFileHandler(path, settings.max_mb * 1024 * 1024, settings.backups)
         handlers.append(rotating)
         for name in ("luigi-interface", "luigi"):
             logging.getLogger(name).addHandler(rotating)

@@ -90,8 +90,10 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path, after_line:
             errors = contract.file_error_row(source_file, rejection, verdict.first_line)
             errors_out.write(copy_lines(errors))
             verdict.error_count = 1
+            verdict.error_reasons = {rejection.reason: 1}
         else:
             verdict.rows_read = verdict.rows_loaded = verdict.rows_rejected = 0
+            verdict.error_reasons = {}
         for part in sorted(checked_dir.glob(CHECKED_GLOB)):
             checked = _with_refusals(_lines_after(pl.scan_parquet(part), after_line), refused or {})
             errors, visits, counts, engaged, rows = pl.collect_all([  # one read for all
@@ -101,6 +103,8 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path, after_line:
                                (pl.col("errors").list.len() > 0).sum().alias("rejected"))])
             errors_out.write(copy_lines(errors))
             verdict.error_count += errors.height
+            for reason, count in errors.group_by("reason").len().iter_rows():
+                verdict.error_reasons[reason] = verdict.error_reasons.get(reason, 0) + count
             read, rejected = rows.row(0)
             verdict.rows_read += read
             verdict.rows_rejected += rejected

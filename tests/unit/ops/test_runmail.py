@@ -7,9 +7,10 @@ def _report(**extra):
     base = {"run_id": "abc", "run_date": "2026-11-28", "reasons": [], "errors": [],
             "failures": [], "database_error": None, "files": [
                 {"file_name": "report_1.txt", "status": "loaded", "rows_read": 10, "rows_loaded": 9,
-                 "rows_rejected": 1, "message": None},
+                 "rows_rejected": 1, "rows_opened": 6, "rows_clicked": 3, "message": None},
                 {"file_name": "report_2.txt", "status": "duplicate", "rows_read": 0,
-                 "rows_loaded": 0, "rows_rejected": 0, "message": "same content as report_1.txt"}]}
+                 "rows_loaded": 0, "rows_rejected": 0, "rows_opened": 0, "rows_clicked": 0,
+                 "message": "same content as report_1.txt"}]}
     return {**base, **extra}
 
 
@@ -48,3 +49,40 @@ def test_old_failure_records_are_pruned(tmp_path, monkeypatch):
     monkeypatch.setattr(notify, "failures_file", lambda: runs / "current.jsonl")
     notify.prune_failure_files(keep_days=30)
     assert sorted(p.name for p in runs.iterdir()) == ["new.jsonl"]
+
+
+def test_the_html_part_has_the_same_table():
+    import html.parser
+
+    message = notify.compose(_report(), "etl@example.com", ["a@example.com"], limit=3)
+    page = message.get_body(("html",)).get_content()
+
+    class Cells(html.parser.HTMLParser):
+        rows: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+
+        def handle_data(self, data):
+            if self.rows and self.lasttag in ("td", "th"):
+                self.rows[-1].append(data)
+
+    parser = Cells()
+    parser.feed(page)
+    assert parser.rows[0] == ["file", "status", "read", "loaded", "rejected", "opened", "clicked", "note"]
+    assert parser.rows[1] == ["report_1.txt", "loaded", "10", "9", "1", "66.7%", "33.3%"]
+    assert parser.rows[2][:5] == ["report_2.txt", "duplicate", "0", "0", "0"]
+    assert parser.rows[2][-1] == "same content as report_1.txt"
+
+
+def test_a_silence_mail_says_since_when():
+    silence = {"kind": "silence", "last_file": "report_7.txt", "last_at": "2026-11-26T02:31:05",
+               "stale_after_hours": 26.0, "at": "2026-11-28T02:30:00"}
+    message = notify.compose(_report(files=[], silence=silence), "etl@example.com", ["a@example.com"],
+                             limit=3)
+    assert message["Subject"] == "[visitas] run 2026-11-28: NO FILE received for more than 26 h"
+    body = message.get_body(("plain",)).get_content()
+    assert "the last file, report_7.txt, was received at 2026-11-26T02:31:05" in body
+    assert notify.needs_mail(_report(files=[], silence=silence))
+    assert not notify.needs_mail(_report(files=[]))
