@@ -135,7 +135,11 @@ def check_smtp() -> str:
         return "no [notify] recipients: no run mail is sent (nothing to check)"
     if not settings.smtp_host:
         raise ValueError("[notify] recipients are set but smtp_host is not")
-    with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=15) as smtp:
+    try:
+        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=15)
+    except OSError as error:
+        raise ConnectionError(f"{settings.smtp_host}:{settings.smtp_port}: {error}") from None
+    with smtp:
         smtp.ehlo()
         if settings.smtp_starttls:
             smtp.starttls()
