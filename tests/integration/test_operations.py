@@ -6,12 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import polars as pl
 import psycopg
@@ -94,46 +91,6 @@ def test_a_failed_task_sends_the_run_mail_and_luigis_own_error_mail(make_env, sm
     body = report.get_body(("plain",)).get_content()
     assert "LoadPostgres" in body and "disk on fire" in body
     assert any("LoadPostgres" in s and "FAILED" in s.upper() for s in subjects), subjects
-
-
-def test_monthly_report_command(env):
-    env.generate(files=2, rows=80, defects=0.1)
-    assert env.luigi("--date", "2026-10-31").returncode == 0
-    november = env.generate(files=1, rows=40, first_number=3, seed=3)
-    assert env.luigi("--date", "2026-11-02").returncode == 0
-    environ = env.environment()
-    visitas = str(Path(sys.executable).with_name("visitas"))
-
-    def report(*args):
-        done = subprocess.run([visitas, "report", *args], cwd=env.tmp, env=environ,
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    rows = json.loads(report("--month", "2026-10", "--to", "2026-11", "--format", "json"))
-    totals = {r["month"]: r for r in rows if r["file_name"] == "TOTAL"}
-    expected = {m: env.query("SELECT count(*), sum(rows_read), sum(rows_loaded), sum(rows_rejected)"
-                             " FROM load_log WHERE to_char(run_date, 'YYYY-MM') = %s", (m,))[0]
-                for m in ("2026-10", "2026-11")}
-    for month, (files, read, loaded, rejected) in expected.items():
-        t = totals[month]
-        assert (t["files_loaded"], t["rows_read"], t["rows_loaded"], t["rows_rejected"]) == (
-            files, read, loaded, rejected)
-    # Open and click rates: the loaded rows opened (clicked) by their visitor, as generated.
-    truth = env.truth(november)
-    assert (totals["2026-11"]["open_rate"], totals["2026-11"]["click_rate"]) == (
-        round(truth["opened"].sum() / truth.height, 4), round(truth["clicked"].sum() / truth.height, 4))
-    table = report("--month", "2026-10").splitlines()
-    assert table[0].split() == ["month", "file_name", "host", "files_loaded", "files_rejected",
-                                "files_duplicate", "rows_read", "rows_loaded", "rows_rejected",
-                                "open_rate", "click_rate"]
-    assert table[2].split()[-2].endswith("%") and table[2].split()[-1].endswith("%")
-    assert len({len(line) for line in table[:4]}) == 1  # aligned columns
-    assert "2026-11" not in "\n".join(table)
-    lines = report("--month", "2026-11", "--format", "csv").splitlines()
-    assert lines[0].startswith("month,file_name,host") and lines[-1].startswith("2026-11,TOTAL,,1,")
-    hosts = {r["host"] for r in rows if r["file_name"] != "TOTAL"}
-    assert hosts == {h for (h,) in env.query("SELECT DISTINCT host FROM load_log")} and "" not in hosts
 
 
 def test_luigid_shows_every_task_done_and_no_secret(make_env, luigid):

@@ -4,7 +4,8 @@
     visitas check                                        preflight, one line per check
     visitas status [--date D]                            what is pending, failed, last run
     visitas validate FILE... [--format text|json]        the contract on local files (no config)
-    visitas report --month 2026-11 [--to 2026-12] [--format table|csv|json]   (needs [postgres])
+    visitas report --month 2026-11 [--to 2026-12] [--by file|day|month]
+                   [--format table|csv|json|html]       the load report (needs [postgres] only)
     visitas rebuild [--backups DIR] [--schema S] [--apply]   the visitor table from the backups
 
 The configuration is Luigi's (``luigi.cfg`` in the working directory, then ``LUIGI_CONFIG_PATH``).
@@ -40,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("files", nargs="+", type=Path, metavar="FILE")
     check.add_argument("--format", choices=("text", "json"), default="text")
     check.add_argument("--max-errors", type=int, default=50, help="error lines shown per file (text)")
-    report = sub.add_parser("report", help="files and rows processed per month, file and host")
+    report = sub.add_parser("report", help="files, rows, visitors, warnings, bytes, time and open/click"
+                                           " rates from the load log, per file, day or month")
     report.add_argument("--month", default=f"{dt.date.today():%Y-%m}", help="YYYY-MM (default: this month)")
     report.add_argument("--to", default=None, help="last month of a range, YYYY-MM")
-    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.add_argument("--by", choices=("file", "day", "month"), default="file",
+                        help="one row per file (and host), run date or month (default: file)")
+    report.add_argument("--format", choices=("table", "csv", "json", "html"), default="table",
+                        help="table and html have TOTAL rows; csv and json have none (default: table)")
     run = sub.add_parser(
         "run", help="run the pipeline for a run date (the cron line); exit codes: 0 success, 10 already"
                     " running, 20 no file for longer than [notify] stale_after_hours, 25 not run,"
@@ -134,8 +139,8 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if last < first:
         parser.error("--to is before --month")
     logsetup.configure()
-    rows = monthly.monthly_rows(db.database(), first, last)
-    sys.stdout.write(monthly.render(rows, args.format))
+    report = monthly.load_report(db.database(), first, last, args.by)
+    sys.stdout.write(monthly.render(report, args.format))
     return 0
 
 
