@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import configparser
 import datetime as dt
+import json
 import re
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from visitas.dev import servers as devservers
@@ -212,3 +215,16 @@ def test_status_shows_what_waits_what_failed_and_the_last_runs(env):
     down = _visitas(env, "status")
     assert down.returncode == 1 and "cannot list the source" in down.stdout
     assert "Last successful run:" in down.stdout
+
+
+def test_visitas_run_under_luigid(env, luigid):
+    env.generate(files=2, rows=30)
+    done = _visitas(env, "run", "--workers", "2", "--scheduler-host", "127.0.0.1",
+                    "--scheduler-port", str(luigid))
+    assert done.returncode == 0, done.stderr[-3000:]
+    query = urllib.parse.quote(json.dumps({"status": "DONE"}))
+    with urllib.request.urlopen(f"http://127.0.0.1:{luigid}/api/task_list?data={query}") as response:
+        tasks = json.load(response)["response"]
+    archived = {t["params"]["file_name"] for t in tasks.values() if t["name"] == "ArchiveZip"}
+    assert archived == {"report_1.txt", "report_2.txt"}
+    assert env.query("SELECT outcome FROM run_history") == [("ok",)]
