@@ -2,7 +2,7 @@
 
 Starts a private PostgreSQL cluster and an embedded SFTP server (own host key, client key) on free
 localhost ports, puts freshly generated reports (with defects) in the remote folder, runs the real
-``luigi --module visitas RunAll --local-scheduler`` and prints the files, rows, a few visitors,
+``visitas run`` (the cron line) and prints the files, rows, a few visitors,
 the backup zip and the monthly report.  Everything lives under one folder (``--dir``); running it
 again adds new reports (and one re-sent file, to show duplicate detection) to the same database.
 """
@@ -72,10 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         run_id = uuid.uuid4().hex[:12]
         env = {**os.environ, "LUIGI_CONFIG_PATH": str(base / "luigi.cfg"),
                "VISITAS_DSN": cluster.dsn(), "VISITAS_RUN_ID": run_id}
-        luigi = str(Path(sys.executable).with_name("luigi"))
-        print("\n$ luigi --module visitas RunAll --local-scheduler")
-        result = subprocess.run([luigi, "--module", "visitas", "RunAll", "--local-scheduler"],
-                                cwd=base, env=env, capture_output=True, text=True)
+        visitas = str(Path(sys.executable).with_name("visitas"))
+        print("\n$ visitas run")
+        result = subprocess.run([visitas, "run"], cwd=base, env=env, capture_output=True, text=True)
         print(_luigi_summary(result.stderr))
         print(f"exit code {result.returncode}")
         if result.returncode != 0:
@@ -83,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             return result.returncode
         _summary(cluster.dsn(), run_id, base)
         print(f"\n$ visitas report --month {_this_month()}")
-        subprocess.run([str(Path(sys.executable).with_name("visitas")), "report",
-                        "--month", _this_month()], cwd=base, env=env, check=True)
+        subprocess.run([visitas, "report", "--month", _this_month()], cwd=base, env=env, check=True)
         print(f"Logs: {base / 'logs' / 'visitas.log'}.  Run `make demo` again to add more files; "
               "`make clean` removes it all.")
     finally:
