@@ -23,6 +23,7 @@ It asserts nothing about time: it prints figures.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import re
@@ -44,17 +45,44 @@ REMOTE_DIR = "home/vinkOS/archivosVisitas"
 
 
 class Bench:
-    def __init__(self, base: Path):
-        self.base = base
+    """Throwaway servers for one mode of the bench.
+
+    ``stock``: Debian's PostgreSQL package with initdb's default settings (installed if missing),
+    OpenSSH's sshd with internal-sftp, and a floor of the standard tools: OpenSSH's ``sftp``,
+    ``psql \\copy`` and ``zip -6``.  Otherwise (``tuned``): the embedded PostgreSQL with the
+    tests' settings, the embedded SFTP server, and a floor of paramiko, psycopg's COPY and zipfile.
+    """
+
+    def __init__(self, base: Path, stock: bool):
+        self.base, self.stock = base, stock
         base.mkdir(parents=True, exist_ok=True)
         base.chmod(0o755)
-        self.cluster = servers.PostgresCluster(base / "pg", fsync=True).init().start()
         self.keys = servers.SshKeys(base / "keys")
-        self.remote = base / "sftp" / REMOTE_DIR
+        if stock:
+            bindir = servers.system_postgres_bindir(install=True)
+            if bindir is None:
+                raise SystemExit("stock mode needs Debian's postgresql package (run as root to install it)")
+            self.cluster = servers.PostgresCluster(base / "pg-stock", fsync=True, tuned=False,
+                                                   bindir=bindir).init().start()
+            self.remote = base / "sftp-stock" / REMOTE_DIR
+            self.remote_path = str(self.remote)
+            (base / "sshd").mkdir(exist_ok=True)
+            self.server: servers.SftpServer | servers.OpenSshServer = servers.OpenSshServer(
+                base / "sshd", self.keys).start()
+            self.username = getpass.getuser()
+        else:
+            self.cluster = servers.PostgresCluster(base / "pg", fsync=True).init().start()
+            self.remote = base / "sftp" / REMOTE_DIR
+            self.remote_path = f"/{REMOTE_DIR}"
+            self.server = servers.SftpServer(base / "sftp", self.keys).start()
+            self.username = "vinkos"
         shutil.rmtree(self.remote, ignore_errors=True)  # nothing left from an interrupted run
         self.remote.mkdir(parents=True, exist_ok=True)
-        self.server = servers.SftpServer(base / "sftp", self.keys).start()
         self.known_hosts = self.keys.write_known_hosts(base / "known_hosts", self.server.port)
+
+    @property
+    def label(self) -> str:
+        return "stock" if self.stock else "tuned"
 
     def close(self) -> None:
         self.server.stop()
@@ -63,46 +91,78 @@ class Bench:
     # ------------------------------------------------------------------ floor
 
     def floor(self, report: Path) -> dict:
+        """Download, COPY and zip the file with the mode's floor tools, one after the other."""
         work = Path(tempfile.mkdtemp(dir=self.base))
-        times = {}
-        _settle()
-        start = time.perf_counter()
-        client = paramiko.SSHClient()
-        client.load_host_keys(str(self.known_hosts))
-        client.connect("127.0.0.1", self.server.port, "vinkos", key_filename=str(self.keys.client_key),
-                       allow_agent=False, look_for_keys=False)
-        sftp = client.open_sftp()
         local = work / report.name
-        sftp.get(f"/{REMOTE_DIR}/{report.name}", str(local))
-        client.close()
-        times["download"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        columns = ", ".join(f"c{i} text" for i in range(15))
-        with psycopg.connect(self.cluster.dsn()) as conn:
-            conn.execute("DROP TABLE IF EXISTS floor_raw")
-            conn.execute(f"CREATE TABLE floor_raw ({columns})")
-            with conn.cursor().copy("COPY floor_raw FROM STDIN WITH (FORMAT csv, HEADER true)") as copy, \
-                    open(local, "rb") as handle:
-                while chunk := handle.read(1024 * 1024):
-                    copy.write(chunk)
-        times["copy"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        with zipfile.ZipFile(work / "floor.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.write(local, arcname=report.name)
-        times["zip"] = time.perf_counter() - start
+        steps = self._stock_floor if self.stock else self._tuned_floor
+        times = {}
+        for name, step in steps(report, local, work):
+            _settle()
+            start = time.perf_counter()
+            step()
+            times[name] = time.perf_counter() - start
         shutil.rmtree(work)
         times["total"] = sum(times.values())
         return times
+
+    def _floor_table(self) -> None:
+        columns = ", ".join(f"c{i} text" for i in range(15))
+        with psycopg.connect(self.cluster.dsn(), autocommit=True) as conn:
+            conn.execute("DROP TABLE IF EXISTS floor_raw")
+            conn.execute(f"CREATE TABLE floor_raw ({columns})")
+
+    def _stock_floor(self, report: Path, local: Path, work: Path):
+        def download() -> None:
+            subprocess.run(
+                ["sftp", "-q", "-b", "-", "-i", str(self.keys.client_key), "-P", str(self.server.port),
+                 "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                 "-o", "BatchMode=yes", f"{self.username}@127.0.0.1"],
+                input=f"get {self.remote_path}/{report.name} {local}\n", text=True, check=True,
+                capture_output=True)
+
+        def copy() -> None:
+            self._floor_table()
+            subprocess.run([str(self.cluster.bindir / "psql"), "-q", "-v", "ON_ERROR_STOP=1",
+                            self.cluster.dsn(), "-c",
+                            f"\\copy floor_raw FROM '{local}' WITH (FORMAT csv, HEADER true)"],
+                           check=True, capture_output=True)
+
+        def pack() -> None:
+            subprocess.run(["zip", "-6", "-q", "-j", str(work / "floor.zip"), str(local)], check=True)
+
+        return [("download", download), ("copy", copy), ("zip", pack)]
+
+    def _tuned_floor(self, report: Path, local: Path, work: Path):
+        def download() -> None:
+            client = paramiko.SSHClient()
+            client.load_host_keys(str(self.known_hosts))
+            client.connect("127.0.0.1", self.server.port, self.username,
+                           key_filename=str(self.keys.client_key), allow_agent=False,
+                           look_for_keys=False)
+            client.open_sftp().get(f"{self.remote_path}/{report.name}", str(local))
+            client.close()
+
+        def copy() -> None:
+            self._floor_table()
+            with psycopg.connect(self.cluster.dsn()) as conn, conn.cursor().copy(
+                    "COPY floor_raw FROM STDIN WITH (FORMAT csv, HEADER true)") as copy, \
+                    open(local, "rb") as handle:
+                while chunk := handle.read(1024 * 1024):
+                    copy.write(chunk)
+
+        def pack() -> None:
+            with zipfile.ZipFile(work / "floor.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                archive.write(local, arcname=report.name)
+
+        return [("download", download), ("copy", copy), ("zip", pack)]
 
     # ------------------------------------------------------------------ pipeline
 
     def config(self, name: str, workers_dir: Path) -> Path:
         cfg = workers_dir / "luigi.cfg"
-        sftp = {"host": "127.0.0.1", "port": self.server.port, "username": "vinkos",
+        sftp = {"host": "127.0.0.1", "port": self.server.port, "username": self.username,
                 "key_file": self.keys.client_key, "known_hosts": self.known_hosts,
-                "remote_dir": f"/{REMOTE_DIR}"}
+                "remote_dir": self.remote_path}
         cfg.write_text(servers.luigi_config(workers_dir, sftp, name, (
             "[core]\nlog_level = WARNING\n[worker]\nwait_interval = 0.2\nwait_jitter = 0.2\n")))
         return cfg
@@ -120,11 +180,10 @@ class Bench:
         run_dir = self.fresh(schema)
         cfg = self.config(schema, run_dir)
         env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg), "VISITAS_DSN": self.cluster.dsn()}
-        luigi = str(Path(sys.executable).with_name("luigi"))
+        visitas = str(Path(sys.executable).with_name("visitas"))
         _settle()
         start = time.perf_counter()
-        process = subprocess.Popen([luigi, "--module", "visitas", "RunAll", "--local-scheduler",
-                                    "--workers", str(workers)], cwd=run_dir, env=env,
+        process = subprocess.Popen([visitas, "run", "--workers", str(workers)], cwd=run_dir, env=env,
                                    stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))
         peak = _sample_peak_rss(process)
         seconds = time.perf_counter() - start
@@ -222,77 +281,98 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--visitors", type=int, default=300_000)
     parser.add_argument("--defects", type=float, default=0.001)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--mode", choices=("stock", "tuned", "both"),
+                        default="stock" if os.geteuid() == 0 else "tuned",
+                        help="stock: Debian's PostgreSQL with default settings, OpenSSH, and a floor of"
+                             " sftp + psql \\copy + zip -6 (needs root; the default as root);"
+                             " tuned: embedded servers, paramiko + COPY + zipfile; both: one, then the other")
     parser.add_argument("--many-files", type=int, default=200, help="0 to skip")
     parser.add_argument("--many-rows", type=int, default=1000, help="rows of each of the many files")
     parser.add_argument("--dir", type=Path, default=Path(".bench"))
     parser.add_argument("--skip-floor", action="store_true")
     args = parser.parse_args(argv)
 
-    bench = Bench(args.dir.resolve())
-    try:
-        generated = bench.base / "generated"
-        shutil.rmtree(generated, ignore_errors=True)
-        start = time.perf_counter()
-        manifest = sample.generate(generated, files=1, rows=args.rows, seed=42, defects=args.defects,
-                                   visitors=args.visitors)
-        info = manifest["files"]["report_1.txt"]
-        report = generated / "report_1.txt"
-        size_mb = report.stat().st_size / 1048576
-        print(f"generated {args.rows:,} rows ({size_mb:.0f} MiB, {args.visitors:,} visitor pool, "
-              f"{info['rejected_rows']:,} planted defects) in {time.perf_counter() - start:.1f}s")
-        truth = pl.read_parquet(generated / "truth.parquet")
+    base = args.dir.resolve()
+    generated = base / "generated"
+    shutil.rmtree(generated, ignore_errors=True)
+    start = time.perf_counter()
+    manifest = sample.generate(generated, files=1, rows=args.rows, seed=42, defects=args.defects,
+                               visitors=args.visitors)
+    info = manifest["files"]["report_1.txt"]
+    report = generated / "report_1.txt"
+    print(f"generated {args.rows:,} rows ({report.stat().st_size / 1048576:.0f} MiB,"
+          f" {args.visitors:,} visitor pool, {info['rejected_rows']:,} planted defects) in"
+          f" {time.perf_counter() - start:.1f}s")
+    twin = None
+    if not args.skip_floor:
+        # Raw COPY cannot take the planted defects (14/16 fields): the floor moves the same rows
+        # without them (same seed, within 1% of the size).
+        sample.generate(base / "floor-twin", files=1, rows=args.rows, seed=42, defects=0.0,
+                        visitors=args.visitors)
+        twin = base / "floor-twin" / "report_1.txt"
+    many = None
+    if args.many_files:
+        many = base / "many"
+        shutil.rmtree(many, ignore_errors=True)
+        sample.generate(many, files=args.many_files, rows=args.many_rows, seed=7, defects=0.01)
+    truth = pl.read_parquet(generated / "truth.parquet")
+    expected = {"statistics": info["valid_rows"], "errors_lines": info["rejected_rows"],
+                "visitor": truth["email"].n_unique(), "files_loaded": 1}
+    modes = {"stock": [True], "tuned": [False], "both": [True, False]}[args.mode]
+    ok = True
+    for stock in modes:
+        bench = Bench(base / ("stock" if stock else "tuned"), stock)
+        try:
+            ok &= _measure(bench, args, report, twin, many, expected)
+        finally:
+            bench.close()
+    return 0 if ok else 1
 
-        floor = None
-        if not args.skip_floor:
-            # Raw COPY cannot take the planted defects (14/16 fields): the floor moves the same
-            # rows without them (same seed, within 1% of the size).
-            sample.generate(bench.base / "floor-twin", files=1, rows=args.rows, seed=42,
-                            defects=0.0, visitors=args.visitors)
-            twin_file = bench.base / "floor-twin" / "report_1.txt"
-            shutil.copyfile(twin_file, bench.remote / twin_file.name)
-            floor = bench.floor(twin_file)
-            (bench.remote / twin_file.name).unlink()
-        shutil.copyfile(report, bench.remote / report.name)
-        if floor:
-            print(f"floor:    {floor['total']:7.2f}s  (download {floor['download']:.2f}s, COPY raw "
-                  f"{floor['copy']:.2f}s, zip {floor['zip']:.2f}s)")
-        result = bench.pipeline("bench", args.workers)
-        print(f"pipeline: {result['seconds']:7.2f}s  with --workers {args.workers}")
-        if floor:
-            print(f"ratio pipeline/floor: {result['seconds'] / floor['total']:.2f}")
-        print("per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["stages"].items()))
-        print(f"peak RSS of the pipeline's process tree: {result['peak_rss_mb']:.0f} MiB")
-        counts = bench.counts("bench")
-        expected = {"statistics": info["valid_rows"], "errors_lines": info["rejected_rows"],
-                    "visitor": truth["email"].n_unique(), "files_loaded": 1}
-        ok = counts == expected
-        print(f"counts: {json.dumps(counts)} — {'as planted' if ok else 'EXPECTED ' + json.dumps(expected)}")
 
-        if args.many_files:
-            many = bench.base / "many"
-            shutil.rmtree(many, ignore_errors=True)
-            sample.generate(many, files=args.many_files, rows=args.many_rows, seed=7, defects=0.01)
-            modes = [("--workers 1", 1, 1), ("--workers 2", 2, 1), ("2 hosts, one luigid", 1, 2)]
-            for label, workers, hosts in modes:
-                for path in many.glob("report_*.txt"):
-                    shutil.copyfile(path, bench.remote / path.name)
-                schema = f"bench_many_{workers}w_{hosts}h"
-                result = (bench.pipeline(schema, workers) if hosts == 1
-                          else bench.pipeline_hosts(schema, hosts))
-                counts = bench.counts(schema)
-                rss = f", peak RSS {result['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in result else ""
-                if "archive_bytes" in result:
-                    run_dir = bench.base / f"run-{schema}"
-                    zips = sum(p.stat().st_size for p in run_dir.rglob("visitas_*.zip"))
-                    rss += (f", archive wrote {result['archive_bytes'] / 1048576:.1f} MiB"
-                            f" for zips of {zips / 1048576:.1f} MiB")
-                print(f"{args.many_files} files x {args.many_rows:,} rows, {label}: "
-                      f"{result['seconds']:.1f}s ({60 * args.many_files / result['seconds']:.0f} files/min,"
-                      f" {1000 * result['seconds'] / args.many_files:.0f} ms/file), "
-                      f"{counts['files_loaded']} files loaded{rss}")
-        return 0 if ok else 1
-    finally:
-        bench.close()
+def _measure(bench: Bench, args: argparse.Namespace, report: Path, twin: Path | None,
+             many: Path | None, expected: dict) -> bool:
+    """One mode: the floor, the pipeline on the report, the many files; prints the figures."""
+    tag = f"[{bench.label}]"
+    floor = None
+    if twin is not None:
+        shutil.copyfile(twin, bench.remote / twin.name)
+        floor = bench.floor(twin)
+        (bench.remote / twin.name).unlink()
+        tools = ("sftp get, psql \\copy, zip -6" if bench.stock
+                 else "paramiko get, COPY, zipfile")
+        print(f"{tag} floor ({tools}): {floor['total']:7.2f}s  (download {floor['download']:.2f}s,"
+              f" COPY raw {floor['copy']:.2f}s, zip {floor['zip']:.2f}s)")
+    shutil.copyfile(report, bench.remote / report.name)
+    result = bench.pipeline("bench", args.workers)
+    print(f"{tag} pipeline: {result['seconds']:7.2f}s  with --workers {args.workers}")
+    if floor:
+        print(f"{tag} ratio pipeline/floor: {result['seconds'] / floor['total']:.2f}")
+    print(f"{tag} per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["stages"].items()))
+    print(f"{tag} peak RSS of the pipeline's process tree: {result['peak_rss_mb']:.0f} MiB")
+    counts = bench.counts("bench")
+    ok = counts == expected
+    verdict = "as planted" if ok else "EXPECTED " + json.dumps(expected)
+    print(f"{tag} counts: {json.dumps(counts)} — {verdict}")
+    if many is None:
+        return ok
+    modes = [("--workers 1", 1, 1), ("--workers 2", 2, 1), ("2 hosts, one luigid", 1, 2)]
+    for label, workers, hosts in modes:
+        for path in many.glob("report_*.txt"):
+            shutil.copyfile(path, bench.remote / path.name)
+        schema = f"bench_many_{workers}w_{hosts}h"
+        result = (bench.pipeline(schema, workers) if hosts == 1
+                  else bench.pipeline_hosts(schema, hosts))
+        counts = bench.counts(schema)
+        extra = f", peak RSS {result['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in result else ""
+        if "archive_bytes" in result:
+            zips = sum(p.stat().st_size for p in (bench.base / f"run-{schema}").rglob("visitas_*.zip"))
+            extra += (f", archive wrote {result['archive_bytes'] / 1048576:.1f} MiB"
+                      f" for zips of {zips / 1048576:.1f} MiB")
+        files = args.many_files
+        print(f"{tag} {files} files x {args.many_rows:,} rows, {label}: {result['seconds']:.1f}s"
+              f" ({60 * files / result['seconds']:.0f} files/min, {1000 * result['seconds'] / files:.0f}"
+              f" ms/file), {counts['files_loaded']} files loaded{extra}")
+    return ok
 
 
 if __name__ == "__main__":

@@ -94,14 +94,36 @@ def postgres_bindir() -> Path:
                             "or set VISITAS_PG_BINDIR")
 
 
-class PostgresCluster:
-    """A private cluster under ``base_dir`` (created if missing; reused if initialised)."""
+def system_postgres_bindir(install: bool = False) -> Path | None:
+    """The newest of Debian's PostgreSQL server packages (``/usr/lib/postgresql/N/bin``); with
+    ``install``, as root, ``apt-get install postgresql`` first if there is none."""
+    def newest() -> Path | None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                       key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+        return found[-1].parent if found else None
 
-    def __init__(self, base_dir: Path, port: int | None = None, fsync: bool = True):
+    if newest() is None and install and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True, env=env,
+                       capture_output=True)
+    return newest()
+
+
+class PostgresCluster:
+    """A private cluster under ``base_dir`` (created if missing; reused if initialised).
+
+    ``tuned``: the settings the tests and the tuned bench use (larger shared_buffers and WAL);
+    otherwise initdb's defaults, as a stock server has them.  ``bindir``: another installation's
+    binaries (a system package's), instead of :func:`postgres_bindir`."""
+
+    def __init__(self, base_dir: Path, port: int | None = None, fsync: bool = True,
+                 tuned: bool = True, bindir: Path | None = None):
         self.base_dir = Path(base_dir)
         self.data_dir = self.base_dir / "data"
-        self.bindir = postgres_bindir()
+        self.bindir = bindir or postgres_bindir()
         self.fsync = fsync
+        self.tuned = tuned
         self._user = None
         if os.geteuid() == 0:  # postgres refuses to run as root
             self._user = PG_SYSTEM_USER
@@ -142,9 +164,9 @@ class PostgresCluster:
             with open(self.data_dir / "postgresql.conf", "a") as conf:
                 conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                            f"unix_socket_directories = '{self.data_dir}'\n"
-                           f"fsync = {'on' if self.fsync else 'off'}\n"
-                           "max_connections = 50\nshared_buffers = 256MB\n"
-                           "max_wal_size = 4GB\n")
+                           f"fsync = {'on' if self.fsync else 'off'}\n")
+                if self.tuned:
+                    conf.write("max_connections = 50\nshared_buffers = 256MB\nmax_wal_size = 4GB\n")
             self._password_file.write_text(self.password)
             self._password_file.chmod(0o600)
             self._port_file.write_text(str(self.port))
