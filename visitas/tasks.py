@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import shutil
@@ -49,8 +50,10 @@ class VisitasTask(luigi.Task):
         super().__init__(*args, **kwargs)
         setup.configure()
 
-    @property
+    @functools.cached_property
     def paths(self) -> RunPaths:
+        # Once per task instance: reading a luigi.Config section is costly (Luigi resolves every
+        # parameter again), and complete() alone asks for paths several times per task.
         return RunPaths.from_config(self.date)
 
 
