@@ -199,3 +199,22 @@ def test_prefix_hashes_in_one_pass(tmp_path):
     found = reading.prefix_sha256(path, sizes)
     data = path.read_bytes()
     assert found == {n: hashlib.sha256(data[:n]).hexdigest() for n in sizes if n <= len(data)}
+
+
+def test_visits_spilled_in_parts_summarise_as_in_memory(tmp_path, monkeypatch):
+    """Past VISITS_IN_MEMORY the visits go to disk in hash parts: the same summary, nothing left."""
+    from visitas.dev import sample
+
+    sample.generate(tmp_path / "in", files=1, rows=3000, seed=11, defects=0.02, visitors=400)
+    data = (tmp_path / "in" / "report_1.txt").read_bytes()
+    (tmp_path / "memory").mkdir()
+    _run(tmp_path / "memory", data, batch_bytes=20_000)
+    monkeypatch.setattr(split, "VISITS_IN_MEMORY", 250)  # spills every batch or two
+    (tmp_path / "spilled").mkdir()
+    _, summary = _run(tmp_path / "spilled", data, batch_bytes=20_000)
+    in_memory = pl.read_parquet(tmp_path / "memory" / "split" / "visitors.parquet")
+    spilled = pl.read_parquet(tmp_path / "spilled" / "split" / "visitors.parquet").sort("email")
+    assert in_memory.height == summary.visitors == spilled.height > 300
+    assert in_memory.equals(spilled)
+    assert sorted(p.name for p in (tmp_path / "spilled" / "split").iterdir()) == [
+        "errors.copy", "summary.json", "visitors.parquet"]  # the spilled parts are gone
