@@ -117,6 +117,8 @@ def validate_report(path: Path, source_file: str, out_dir: Path,
     utf8_seen = header.utf8_non_ascii or header.has_bom
     last: tuple[int, bool] = (1, True)
     batches = iter_raw_lines(path, header.data_start, 2, batch_bytes, max_line_bytes)
+    if size - header.data_start <= batch_bytes:
+        parallel = 1  # one batch: no thread pool to start
     for done in ordered_map(check, enumerate(batches), parallel):
         verdict.rows_read += done.rows
         verdict.rows_rejected += done.rejected
