@@ -163,6 +163,14 @@ class SftpSource:
 
         return self._call(f"listing {self.remote_dir}", listing)
 
+    def list_once(self) -> list[RemoteFile]:
+        """One connection, one listing, no retry, then closed (the operator's commands)."""
+        self.retry = {**self.retry, "attempts": 1}
+        try:
+            return self.list_reports()
+        finally:
+            self.close()
+
     def stat(self, name: str) -> RemoteFile:
         def lstat(sftp: paramiko.SFTPClient) -> RemoteFile:
             return RemoteFile.of(name, sftp.lstat(self.remote_path(name)))

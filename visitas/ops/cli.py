@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         cause: BaseException = error
         while cause.__cause__ is not None:  # Luigi wraps the message that names the problem
             cause = cause.__cause__
-        text = str(cause).strip().splitlines()
-        print(f"visitas: error: {logsetup.mask(text[0] if text else type(cause).__name__)}",
-              file=sys.stderr)
+        print(f"visitas: error: {logsetup.one_line(cause)}", file=sys.stderr)
         return EXIT_PROBLEM
 
 

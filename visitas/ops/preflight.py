@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from visitas.runtime import logsetup
+
 log = logging.getLogger(__name__)
 
 # Free space a run needs besides: the reports at the source take about three times their size
@@ -31,18 +33,11 @@ class Check:
     detail: str
 
 
-def _one_line(error: BaseException) -> str:
-    from visitas.runtime import logsetup
-
-    text = str(error).strip().splitlines()
-    return logsetup.mask(text[0] if text else type(error).__name__)
-
-
 def _run(name: str, probe: Callable[[], str]) -> Check:
     try:
         return Check(name, True, probe())
     except Exception as error:  # each problem is a line, never a traceback
-        return Check(name, False, _one_line(error))
+        return Check(name, False, logsetup.one_line(error))
 
 
 def check_config() -> str:
@@ -57,7 +52,7 @@ def check_config() -> str:
         try:
             section()
         except Exception as error:
-            problems.append(f"[{name}] {_one_line(error)}")
+            problems.append(f"[{name}] {logsetup.one_line(error)}")
     if problems:
         raise ValueError("; ".join(problems))
     sftp, postgres = config.sftp(), config.postgres()
@@ -78,11 +73,7 @@ def check_sftp(found: dict) -> str:
     from visitas import config, sftp
 
     source = sftp.SftpSource.from_config()
-    source.retry = {"attempts": 1}
-    try:
-        reports = source.list_reports()
-    finally:
-        source.close()
+    reports = source.list_once()
     found["sizes"] = sum(r.size for r in reports)
     min_age = config.sftp().min_age
     young = sum(1 for r in reports if time.time() - r.mtime < min_age)

@@ -13,6 +13,8 @@ import time
 
 import psycopg.rows
 
+from visitas.runtime import logsetup
+
 UNFINISHED = """
 SELECT file_name, status, run_date, host, started_at, archived_at, source_removed_at
 FROM {schema}.load_log
@@ -60,13 +62,6 @@ class Status:
     database_error: str | None = None
 
 
-def _one_line(error: BaseException) -> str:
-    from visitas.runtime import logsetup
-
-    lines = str(error).strip().splitlines()
-    return logsetup.mask(lines[0] if lines else type(error).__name__)
-
-
 def gather(run_date: dt.date) -> Status:
     from visitas import config, db, sftp
 
@@ -88,14 +83,9 @@ def gather(run_date: dt.date) -> Status:
 
         database.run("reading the status", read)
     except Exception as error:
-        status.database_error = _one_line(error)
+        status.database_error = logsetup.one_line(error)
     try:
-        source = sftp.SftpSource.from_config()
-        source.retry = {"attempts": 1}
-        try:
-            reports = source.list_reports()
-        finally:
-            source.close()
+        reports = sftp.SftpSource.from_config().list_once()
         min_age = config.sftp().min_age
         for report in reports:
             age = time.time() - report.mtime
@@ -108,7 +98,7 @@ def gather(run_date: dt.date) -> Status:
                                  f" {dt.datetime.fromtimestamp(report.mtime):%Y-%m-%d %H:%M:%S}"
                                  + (f"  ({'; '.join(notes)})" if notes else "  (waiting for a run)"))
     except Exception as error:
-        status.source_error = _one_line(error)
+        status.source_error = logsetup.one_line(error)
     return status
 
 

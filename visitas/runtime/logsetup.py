@@ -31,6 +31,16 @@ def mask(text: str, secrets: list[str] | None = None) -> str:
     return text
 
 
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message, masked: what an operator's command prints."""
+    lines = str(error).strip().splitlines()
+    try:
+        secrets = configured_secrets()
+    except Exception:  # an unreadable configuration is itself often the error being shown
+        secrets = []
+    return mask(lines[0] if lines else type(error).__name__, secrets)
+
+
 def dsn_secrets(dsn: str) -> list[str]:
     """The password of a DSN as written and as meant (percent-decoded), to mask either form."""
     values = []
