@@ -537,13 +537,6 @@ def visits(checked: pl.LazyFrame) -> pl.LazyFrame:
                     pl.col("fecha_click").dt.date().alias("clicked_on")))
 
 
-def engagement_counts(checked: pl.LazyFrame) -> pl.LazyFrame:
-    """Valid rows opened and clicked (the per-file open and click rates of load_log)."""
-    valid = with_row_metrics(checked.filter(pl.col("errors").list.len() == 0))
-    return valid.select(pl.col("abierto").sum().alias("rows_opened"),
-                        pl.col("clicado").sum().alias("rows_clicked")).select(pl.all().cast(pl.Int64))
-
-
 def warning_counts(checked: pl.LazyFrame) -> pl.LazyFrame:
     """Data-quality warnings (not errors), counted by kind: valid rows that look odd, and lines
     decoded as Windows-1252 (``mixed_encoding``; it counts only in a file that is mixed)."""

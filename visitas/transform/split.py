@@ -92,9 +92,9 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path, after_line:
             verdict.error_reasons = {}
         for part in sorted(checked_dir.glob(CHECKED_GLOB)):
             checked = _with_refusals(_lines_after(pl.scan_parquet(part), after_line), refused or {})
-            errors, visits, counts, engaged, rows = pl.collect_all([  # one read for all
+            errors, visits, counts, rows = pl.collect_all([  # one read of the batch for all
                 contract.error_rows(checked, source_file), contract.visits(checked),
-                contract.warning_counts(checked), contract.engagement_counts(checked),
+                contract.warning_counts(checked),
                 checked.select(pl.len().alias("read"),
                                (pl.col("errors").list.len() > 0).sum().alias("rejected"))])
             errors_out.write(copy_lines(errors))
@@ -105,7 +105,7 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path, after_line:
             verdict.rows_read += read
             verdict.rows_rejected += rejected
             verdict.rows_loaded += read - rejected
-            opened, clicked = engaged.row(0)
+            opened, clicked = visits.select(pl.col("opened").sum(), pl.col("clicked").sum()).row(0)
             verdict.rows_opened += opened
             verdict.rows_clicked += clicked
             visits_of.add(visits)

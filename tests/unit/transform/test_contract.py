@@ -162,9 +162,12 @@ def test_row_metrics(check, changes, expected):
     assert stats.select(METRICS).row(0) == expected
 
 
-def test_engagement_counts_count_valid_rows_only(check):
-    checked = check(row(), row(fecha_open="-", opens="0", clicks="1"), row(fecha_envio="x"))
-    assert contract.engagement_counts(checked.lazy()).collect().row(0) == (1, 1)
+def test_visits_carry_their_engagement_and_only_valid_rows_are_visits(check):
+    checked = check(row(), row(fecha_open="-", opens="0", clicks="1", opens_virales="2"),
+                    row(fecha_envio="x"))
+    visits = contract.visits(checked.lazy()).collect()
+    assert visits.select("opened", "clicked", "opens", "clicks", "opened_on").rows() == [
+        (True, False, 2, 0, dt.date(2013, 2, 8)), (False, True, 2, 1, None)]
 
 
 def test_statistics_keep_the_trimmed_email_and_visits_use_the_lower_cased_key(check):
