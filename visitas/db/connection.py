@@ -45,11 +45,12 @@ class Database:
         self._schema_ready = False
 
     @classmethod
-    def from_config(cls) -> Database:
+    def from_config(cls, schema: str | None = None) -> Database:
+        """The configured database; ``schema`` instead of ``[postgres] schema`` if given."""
         from visitas.config import postgres
 
         cfg = postgres()
-        return cls(cfg.resolved_dsn(), cfg.schema, retrying.from_config(), cfg.lock_wait)
+        return cls(cfg.resolved_dsn(), schema or cfg.schema, retrying.from_config(), cfg.lock_wait)
 
     def __repr__(self) -> str:  # never the DSN: it may hold a password
         return f"Database(schema={self.schema!r})"

@@ -156,13 +156,12 @@ def _rebuild(args: argparse.Namespace) -> int:
     from visitas import config
     from visitas.db import Database
     from visitas.ops import rebuild
-    from visitas.runtime import logsetup, retrying
+    from visitas.runtime import logsetup
 
     logsetup.configure()
-    cfg, load, paths = config.postgres(), config.load(), config.paths()
+    load, paths = config.load(), config.paths()
     live = Database.from_config()
-    scratch = Database(cfg.resolved_dsn(), args.schema or rebuild.DEFAULT_SCHEMA,
-                       retrying.from_config(), cfg.lock_wait)
+    scratch = Database.from_config(args.schema or rebuild.DEFAULT_SCHEMA)
     job = rebuild.Rebuild(
         live, scratch, args.backups or Path(paths.backup_dir),
         Path(paths.resolved_state_dir()) / "rebuild",

@@ -102,39 +102,34 @@ def _finish(row: dict) -> dict:
 
 
 def summarise(records: Iterable[dict], first: dt.date, last: dt.date, by: str = "file") -> Report:
-    """load_log rows of the period -> the report (pure: the unit tests feed it rows)."""
-    records = list(records)
+    """load_log rows of the period -> the report (pure: the unit tests feed it rows).
+
+    One pass: each record goes into its group, its total (per month by file, else one) and the
+    per-day and per-reason series."""
     keys = KEYS[by]
     groups: dict[tuple, dict] = {}
-    for record in records:
-        key = _key(record, by)
-        _add(groups.setdefault(key, _empty(keys, key)), record)
-    rows: list[dict] = []
-    ordered = sorted(groups) if by != "file" else list(groups)  # files: in load order
-    if by == "file":
-        for month in sorted({k[0] for k in ordered}):
-            mine = [k for k in ordered if k[0] == month]
-            rows += [_finish({**groups[k], "total": False}) for k in mine]
-            total = _empty(keys, (month, "TOTAL", ""))
-            for record in records:
-                if _key(record, by)[0] == month:
-                    _add(total, record)
-            rows.append(_finish({**total, "total": True}))
-    else:
-        rows = [_finish({**groups[k], "total": False}) for k in ordered]
-        if rows:
-            total = _empty(keys, ("TOTAL",))
-            for record in records:
-                _add(total, record)
-            rows.append(_finish({**total, "total": True}))
+    totals: dict[str, dict] = {}
     days: dict[str, list[int]] = {}
     reasons: dict[str, int] = {}
     for record in records:
+        key = _key(record, by)
+        _add(groups.setdefault(key, _empty(keys, key)), record)
+        scope = key[0] if by == "file" else ""
+        total_key = (scope, "TOTAL", "") if by == "file" else ("TOTAL",)
+        _add(totals.setdefault(scope, _empty(keys, total_key)), record)
         day = days.setdefault(record["run_date"].isoformat(), [0, 0])
         day[0] += record["rows_loaded"]
         day[1] += record["rows_rejected"]
         for reason, count in (record["error_reasons"] or {}).items():
             reasons[reason] = reasons.get(reason, 0) + int(count)
+    rows: list[dict] = []
+    if by == "file":  # files in load order, a total after each month's
+        for month in sorted(totals):
+            rows += [_finish({**row, "total": False}) for k, row in groups.items() if k[0] == month]
+            rows.append(_finish({**totals[month], "total": True}))
+    else:
+        rows = [_finish({**groups[k], "total": False}) for k in sorted(groups)]
+        rows += [_finish({**total, "total": True}) for total in totals.values()]
     return Report(first, last, by, rows, [(d, *days[d]) for d in sorted(days)],  # type: ignore[misc]
                   sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
 

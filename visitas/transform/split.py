@@ -159,14 +159,14 @@ class _Visits:
             return rows.height
         if self.pending:
             self._spill()
-        parts = []
+        parts, total = [], 0
         for folder in sorted(self.spill_dir.iterdir()):
             summary = visitors.visitor_rule(pl.scan_parquet(folder / "*.parquet")).collect()
             part = self.spill_dir / f"{folder.name}.parquet"
             summary.write_parquet(part)
             parts.append(part)
+            total += summary.height
             shutil.rmtree(folder)
-        total = pl.scan_parquet(parts).select(pl.len()).collect().item()
         pl.scan_parquet(parts).sink_parquet(target)
         shutil.rmtree(self.spill_dir)
         return total

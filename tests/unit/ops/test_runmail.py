@@ -58,7 +58,9 @@ def test_the_html_part_has_the_same_table():
     page = message.get_body(("html",)).get_content()
 
     class Cells(html.parser.HTMLParser):
-        rows: list = []
+        def __init__(self):
+            super().__init__()
+            self.rows: list[list[str]] = []
 
         def handle_starttag(self, tag, attrs):
             if tag == "tr":
