@@ -39,6 +39,7 @@ import paramiko
 import polars as pl
 import psycopg
 
+from visitas.db.connection import scalar
 from visitas.dev import sample, servers
 
 REMOTE_DIR = "home/vinkOS/archivosVisitas"
@@ -249,9 +250,9 @@ def _settle(dsn: str | None = None, quiet_wait: float = 120.0) -> None:
     if dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             deadline = time.monotonic() + quiet_wait
-            while time.monotonic() < deadline and conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE backend_type = 'autovacuum worker'").fetchone()[0]:
+            while time.monotonic() < deadline and scalar(
+                    conn, "SELECT count(*) FROM pg_stat_activity"
+                          " WHERE backend_type = 'autovacuum worker'"):
                 time.sleep(0.5)
             conn.execute("VACUUM")
             conn.execute("CHECKPOINT")
