@@ -302,7 +302,9 @@ class Loader:
         if count >= ANALYZE_STAGE_FROM:
             # A temporary table has no statistics otherwise.  Below this the planner's estimate
             # from the table's size is close enough, and ANALYZE was a tenth of a small load.
-            conn.execute("ANALYZE visitas_stage")
+            # The merge joins on email alone: its statistics are the ones the plans need (0.065 s
+            # instead of 0.15 s for every column, 300k visitors).
+            conn.execute("ANALYZE visitas_stage (email)")
         # Merges are serialised (the COPYs above are not): between the UPDATE and the INSERT no
         # other load adds a visitor.  The merge rule makes the result independent of load order.
         conn.execute(self.db.q(VISITOR_UPDATE))
