@@ -19,6 +19,7 @@ from visitas import handoff
 from visitas.db.copy_format import copy_lines
 from visitas.transform import contract, visitors
 from visitas.transform.reading import HEAD_BYTES, prefix_sha256
+from visitas.transform.validate import ordered_map
 
 log = logging.getLogger(__name__)
 CHECKED_GLOB = "checked-*.parquet"
@@ -90,26 +91,32 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path, after_line:
         else:
             verdict.rows_read = verdict.rows_loaded = verdict.rows_rejected = 0
             verdict.error_reasons = {}
-        for part in sorted(checked_dir.glob(CHECKED_GLOB)):
+        def read(part: Path) -> tuple[bytes, pl.DataFrame, pl.DataFrame, dict, tuple]:
             checked = _with_refusals(_lines_after(pl.scan_parquet(part), after_line), refused or {})
             errors, visits, counts, rows = pl.collect_all([  # one read of the batch for all
                 contract.error_rows(checked, source_file), contract.visits(checked),
                 contract.warning_counts(checked),
                 checked.select(pl.len().alias("read"),
                                (pl.col("errors").list.len() > 0).sum().alias("rejected"))])
-            errors_out.write(copy_lines(errors))
-            verdict.error_count += errors.height
-            for reason, count in errors.group_by("reason").len().iter_rows():
+            engaged = visits.select(pl.col("opened").sum(), pl.col("clicked").sum()).row(0)
+            return (copy_lines(errors), errors.group_by("reason").len(), visits,
+                    counts.row(0, named=True), rows.row(0) + engaged)
+
+        # Two batches at a time, as in validation (measured on 2M rows: 1.37-1.48 s -> 1.19-1.34 s).
+        parts = sorted(checked_dir.glob(CHECKED_GLOB))
+        for text, reasons, visits, counts, rows in ordered_map(read, ((p,) for p in parts), 2):
+            errors_out.write(text)
+            for reason, count in reasons.iter_rows():
                 verdict.error_reasons[reason] = verdict.error_reasons.get(reason, 0) + count
-            read, rejected = rows.row(0)
-            verdict.rows_read += read
+                verdict.error_count += count
+            read_rows, rejected, opened, clicked = rows
+            verdict.rows_read += read_rows
             verdict.rows_rejected += rejected
-            verdict.rows_loaded += read - rejected
-            opened, clicked = visits.select(pl.col("opened").sum(), pl.col("clicked").sum()).row(0)
+            verdict.rows_loaded += read_rows - rejected
             verdict.rows_opened += opened
             verdict.rows_clicked += clicked
             visits_of.add(visits)
-            for kind, count in counts.row(0, named=True).items():
+            for kind, count in counts.items():
                 warnings[kind] += count
     if verdict.encoding != "mixed":  # a file wholly in Windows-1252 is not a warning
         warnings["mixed_encoding"] = 0
