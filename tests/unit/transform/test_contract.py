@@ -134,6 +134,21 @@ def test_good_row_is_typed(check):
     assert_frame_equal(stats, expected)
 
 
+def test_checked_batches_with_the_values_already_split_still_load(check):
+    """Checked batches written before the multi-value fields were left as text (a run resumed
+    across the upgrade) give the same statistics rows."""
+    checked = check(GOOD_ROW)
+    assert checked.schema["ips"] == pl.String
+    old = checked.with_columns(
+        pl.Series("links", [None], dtype=pl.List(pl.String)),
+        pl.Series("ips", [["65.49.14.78", "65.49.14.93"]]),
+        pl.Series("navegadores", [["IE 9.0"]]), pl.Series("plataformas", [["Windows"]]))
+    stats = contract.statistics_rows(old.lazy(), "report_1.txt").collect()
+    assert stats.select(contract.LIST_COLUMNS).row(0) == (
+        None, ["65.49.14.78", "65.49.14.93"], ["IE 9.0"], ["Windows"])
+    assert_frame_equal(stats, contract.statistics_rows(checked.lazy(), "report_1.txt").collect())
+
+
 METRICS = ("abierto", "clicado", "minutos_a_open", "minutos_a_click", "opens_totales",
            "clicks_totales", "num_links")
 
