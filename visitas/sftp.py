@@ -56,7 +56,7 @@ def _fetch(sftp: paramiko.SFTPClient, remote: str, local: Path, size: int,
 def server_read_size(sftp: paramiko.SFTPClient) -> int:
     """The read request size to use with this server: what its ``limits@openssh.com`` reply
     allows (0 there means no limit), at most READ_MAX; READ_DEFAULT if it does not reply."""
-    try:
+    try:  # paramiko has no public call for an extended request; _request is its own for them
         kind, reply = sftp._request(paramiko.sftp.CMD_EXTENDED, "limits@openssh.com")
         if kind != paramiko.sftp.CMD_EXTENDED_REPLY:
             return READ_DEFAULT
