@@ -6,7 +6,6 @@ from __future__ import annotations
 import configparser
 import datetime as dt
 import json
-import os
 import re
 import subprocess
 import sys
@@ -177,10 +176,11 @@ def test_status_shows_what_waits_what_failed_and_the_last_runs(env):
     assert failed.returncode == 30, failed.stderr[-3000:]
     env.write_config("[sftp]\nmin_age = 3600\n")
     (env.remote_dir / "report_3.txt").write_bytes((manifest["dir"] / "report_1.txt").read_bytes())
-    # As if uploaded again just now: too young, and not the modification time its download
-    # recorded (SFTP gives whole seconds; the first run can end within the second it began).
-    again = max(time.time(), (env.remote_dir / "report_2.txt").stat().st_mtime + 2)
-    os.utime(env.remote_dir / "report_2.txt", (again, again))
+    # As if uploaded again just now: too young.  SFTP gives whole seconds and the first run can
+    # end within the second of the upload: the touch waits for the next one, so that it shows.
+    uploaded = (env.remote_dir / "report_2.txt").stat().st_mtime
+    time.sleep(max(0.0, int(uploaded) + 1 - time.time()))
+    (env.remote_dir / "report_2.txt").touch()
     env.execute("UPDATE load_log SET archived_at = NULL, source_removed_at = NULL"
                 " WHERE file_name = 'report_1.txt'")  # as after a crash between load and archive
 
