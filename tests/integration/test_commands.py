@@ -177,10 +177,13 @@ def test_status_shows_what_waits_what_failed_and_the_last_runs(env):
     env.write_config("[sftp]\nmin_age = 3600\n")
     (env.remote_dir / "report_3.txt").write_bytes((manifest["dir"] / "report_1.txt").read_bytes())
     # As if uploaded again just now: too young.  SFTP gives whole seconds and the first run can
-    # end within the second of the upload: the touch waits for the next one, so that it shows.
-    uploaded = (env.remote_dir / "report_2.txt").stat().st_mtime
-    time.sleep(max(0.0, int(uploaded) + 1 - time.time()))
-    (env.remote_dir / "report_2.txt").touch()
+    # end within the second of the upload: touched until the new time falls in a later second
+    # (file times come from the kernel's coarse clock, a few ms behind time.time()).
+    remote_2 = env.remote_dir / "report_2.txt"
+    uploaded = int(remote_2.stat().st_mtime)
+    while int(remote_2.stat().st_mtime) == uploaded:
+        time.sleep(0.05)
+        remote_2.touch()
     env.execute("UPDATE load_log SET archived_at = NULL, source_removed_at = NULL"
                 " WHERE file_name = 'report_1.txt'")  # as after a crash between load and archive
 
