@@ -96,13 +96,22 @@ class FileTask(VisitasTask):
         handoff.write_text(self.paths.deferred(self.file_name), runinfo.run_id())
 
     def verdict(self) -> handoff.Verdict | None:
-        """ValidateReport's verdict, for a step that requires it as ``checked`` (None: not yet)."""
-        path = Path(self.input()["checked"].path) / handoff.VERDICT_FILE
-        return handoff.read(path, handoff.Verdict) if path.exists() else None
+        """ValidateReport's verdict, for a step that requires it as ``checked`` (None: not yet).
+        Read once: a verdict never changes once written."""
+        verdict = self.__dict__.get("_verdict")
+        if verdict is None:
+            path = Path(self.input()["checked"].path) / handoff.VERDICT_FILE
+            verdict = self.__dict__["_verdict"] = (handoff.read(path, handoff.Verdict)
+                                                   if path.exists() else None)
+        return verdict
 
     def part_of(self, task_class: type[FileTask]) -> FileTask:
-        """Another step of the same file, date and host."""
-        return task_class(date=self.date, host=self.host, file_name=self.file_name)
+        """Another step of the same file, date and host (made once per step: Luigi asks for a
+        step's requirements many times, and each new task resolves its parameters again)."""
+        parts = self.__dict__.setdefault("_parts", {})
+        if task_class not in parts:
+            parts[task_class] = task_class(date=self.date, host=self.host, file_name=self.file_name)
+        return parts[task_class]
 
 
 class DownloadReport(FileTask):

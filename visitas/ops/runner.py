@@ -20,6 +20,7 @@ from pathlib import Path
 import luigi
 import luigi.execution_summary
 import luigi.interface
+import luigi.scheduler
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,37 @@ def exit_code_of(worker: luigi.worker.Worker) -> int:
     return code
 
 
+class _LocalScheduler(luigi.scheduler.Scheduler):
+    """Luigi's local scheduler, pruning its task graph at most once a second.
+
+    Luigi makes its local scheduler prune the whole graph on every request for work (luigid
+    prunes on a timer): a walk over every task of the run per task run, which grew with the
+    square of the files (measured, 200 files of 1,000 rows: 2.0 s of the run's scheduling,
+    against 0.4 s pruning once a second).  Pruning is what turns a failed task back to pending
+    after ``retry_delay``; a second later is soon enough for that.
+    """
+
+    PRUNE_EVERY = 1.0
+    _pruned = float("-inf")
+
+    def get_work(self, *args, **kwargs):
+        now = time.monotonic()
+        if now - self._pruned >= self.PRUNE_EVERY:
+            self._pruned = now
+            self.prune()
+        return super().get_work(*args, **kwargs)
+
+
+class _SchedulerFactory(luigi.interface._WorkerSchedulerFactory):
+    def create_local_scheduler(self):
+        return _LocalScheduler(prune_on_get_work=False, record_task_history=False)
+
+
 def run_pipeline(args: list[str]) -> int:
     """Run the Luigi graph in this process; the exit code."""
     try:
-        result = luigi.interface.run(args, detailed_summary=True)
+        result = luigi.interface.run(args, worker_scheduler_factory=_SchedulerFactory(),
+                                     detailed_summary=True)
     except luigi.interface.PidLockAlreadyTakenExit:
         log.error("a run with the same arguments is already going: this one exits")
         return RETCODES["already_running"]
