@@ -46,18 +46,26 @@ def _array_literal(values: pl.Expr, plain: bool) -> pl.Expr:
     return pl.when(values.list.len() == 0).then(pl.lit("{}")).otherwise(joined)
 
 
-def _has_special(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> bool:
-    column = pl.col(name).explode() if isinstance(dtype, pl.List) else pl.col(name)
-    pattern = _ARRAY_SPECIAL if isinstance(dtype, pl.List) else _COPY_SPECIAL
-    return bool(frame.select(column.str.contains(pattern).any()).item())
+def _special_columns(frame: pl.DataFrame) -> set[str]:
+    """The text and list columns of ``frame`` with a value that needs escaping, found in one
+    query (one per column cost about 0.1 ms each, on the per-file path of a small file)."""
+    checks = [
+        (pl.col(name).explode().str.contains(_ARRAY_SPECIAL) if isinstance(dtype, pl.List)
+         else pl.col(name).str.contains(_COPY_SPECIAL)).any().alias(name)
+        for name, dtype in frame.schema.items()
+        if dtype == pl.String or isinstance(dtype, pl.List)]
+    if not checks:
+        return set()
+    found = frame.select(checks).row(0, named=True)
+    return {name for name, special in found.items() if special}
 
 
-def _as_text(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
+def _as_text(name: str, dtype: pl.DataType, special: set[str]) -> pl.Expr:
     """Text and list columns as COPY text; others are left to the CSV writer."""
     column = pl.col(name)
     if isinstance(dtype, pl.List):
-        return _array_literal(column, plain=not _has_special(frame, name, dtype)).fill_null(NULL)
-    if dtype == pl.String and _has_special(frame, name, dtype):
+        return _array_literal(column, plain=name not in special).fill_null(NULL)
+    if name in special:
         return _escape_copy(column)
     return column
 
@@ -70,7 +78,9 @@ def copy_lines(frame: pl.DataFrame) -> bytes:
     """
     if frame.height == 0:
         return b""
-    text = frame.select(_as_text(frame, name, dtype).alias(name) for name, dtype in frame.schema.items())
+    special = _special_columns(frame)
+    text = frame.select(_as_text(name, dtype, special).alias(name)
+                        for name, dtype in frame.schema.items())
     out = io.BytesIO()
     text.write_csv(out, include_header=False, separator="\t", quote_style="never", null_value=NULL,
                    datetime_format="%Y-%m-%d %H:%M:%S", date_format="%Y-%m-%d")
