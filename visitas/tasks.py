@@ -24,7 +24,6 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import luigi
@@ -85,7 +84,7 @@ class FileTask(VisitasTask):
                      claim.holder)
             self.leave()
             return
-        with _renewing(claims, self.file_name):
+        with _RENEWALS.holding(claims, self.file_name):
             self.work()
 
     def work(self) -> None:
@@ -378,22 +377,5 @@ class RunAll(luigi.WrapperTask):
         return False
 
 
-@contextlib.contextmanager
-def _renewing(claims: db.Claims, file_name: str) -> Iterator[None]:
-    """Renew the claim on the file every third of its lease while a step runs."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(claims.lease / 3):
-            try:
-                claims.renew(file_name)
-            except Exception as error:  # the next step's claim says whether the file is still ours
-                log.warning("could not renew the claim on %s: %s", file_name, error)
-
-    heart = threading.Thread(target=beat, name=f"claim-{file_name}", daemon=True)
-    heart.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        heart.join()
+# Claims of the steps running in this process, renewed while they run.
+_RENEWALS = db.Renewals()

@@ -5,7 +5,7 @@ format (:mod:`.copy_format`).
 Each process has its own handles (a connection does not survive Luigi's fork of a worker).
 """
 
-from visitas.db.claims import Claims
+from visitas.db.claims import Claims, Renewals
 from visitas.db.connection import Database
 from visitas.db.loader import Loader
 from visitas.db.loadlog import LoadLog, LoadLogTarget, RunLogTarget
@@ -13,7 +13,7 @@ from visitas.db.locks import LOCK_FILE, LOCK_RUN, LOCK_SCHEMA, LOCK_VISITORS
 from visitas.runtime.runinfo import per_process
 
 __all__ = ["Claims", "LOCK_FILE", "LOCK_RUN", "LOCK_SCHEMA", "LOCK_VISITORS", "Database", "LoadLog",
-           "LoadLogTarget", "Loader", "RunLogTarget", "database", "load_log", "loader"]
+           "LoadLogTarget", "Loader", "Renewals", "RunLogTarget", "database", "load_log", "loader"]
 
 
 @per_process

@@ -9,9 +9,13 @@ runs (a host runs one `visitas` at a time: Luigi's process lock).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import threading
 import time
+from collections.abc import Iterator
 
 from visitas.db.connection import Database
 
@@ -102,3 +106,52 @@ class Claims:
 
         _held.pop(self._key(file_name), None)
         self.db.run(f"releasing {file_name}", release)
+
+
+class Renewals:
+    """Keeps the claims of the steps running in this process alive: one thread renews each of
+    them every third of its lease until its step ends.
+
+    (A thread of its own per step cost about 0.4 ms to start and join, five times per file.)
+    A renewal runs under the lock, so a step that ends waits for one in flight, and none starts
+    for it afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._forget()
+        os.register_at_fork(after_in_child=self._forget)  # the thread does not cross a fork
+
+    def _forget(self) -> None:
+        self._lock = threading.Condition()
+        self._active: dict[str, tuple[Claims, float]] = {}  # file -> claims, next renewal
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def holding(self, claims: Claims, file_name: str) -> Iterator[None]:
+        """Renew the claim on ``file_name`` every third of its lease while the block runs."""
+        with self._lock:
+            self._active[file_name] = (claims, time.monotonic() + claims.lease / 3)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="claim-renewals",
+                                                daemon=True)
+                self._thread.start()
+            self._lock.notify()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active.pop(file_name, None)
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                due = [(name, claims) for name, (claims, at) in self._active.items() if at <= now]
+                for file_name, claims in due:
+                    try:
+                        claims.renew(file_name)
+                    except Exception as error:  # the next step's claim says if the file is ours
+                        log.warning("could not renew the claim on %s: %s", file_name, error)
+                    self._active[file_name] = (claims, time.monotonic() + claims.lease / 3)
+                upcoming = [at for _, at in self._active.values()]
+                self._lock.wait(max(min(upcoming) - time.monotonic(), 0) if upcoming else None)
