@@ -1,3 +1,4 @@
+import luigi.configuration
 import polars as pl
 import pytest
 
@@ -42,3 +43,20 @@ def errors_of(check):
         return list(frame.select("line_no", "column_name", "reason", "message").iter_rows())
 
     return _errors
+
+
+@pytest.fixture
+def luigi_config():
+    """An empty Luigi configuration of the test's own, restored afterwards (this process may
+    have read ./luigi.cfg, whose ${VAR} references point at production)."""
+    config = luigi.configuration.get_config()
+    saved = {s: {k: config.get(s, k, raw=True) for k in config.options(s)} for s in config.sections()}
+    for section in config.sections():
+        config.remove_section(section)
+    yield config
+    for section in config.sections():
+        config.remove_section(section)
+    for section, values in saved.items():
+        config.add_section(section)
+        for key, value in values.items():
+            config.set(section, key, value)

@@ -144,25 +144,19 @@ class FakeClaims:
 
 
 @pytest.fixture
-def world(tmp_path, monkeypatch):
+def world(tmp_path, monkeypatch, luigi_config):
     remote = tmp_path / "remote"
     manifest = sample.generate(remote, files=2, rows=60, seed=4, defects=0.1)
     for name in manifest["files"]:
         old = time.time() - 3600
         os.utime(remote / name, (old, old))
-    # A configuration of this test's own (this process may have read ./luigi.cfg, whose
-    # ${VAR} references point at production), restored afterwards.
-    config = luigi.configuration.get_config()
-    saved = {s: {k: config.get(s, k, raw=True) for k in config.options(s)} for s in config.sections()}
-    for section in config.sections():
-        config.remove_section(section)
     for section, key, value in [("paths", "download_dir", tmp_path / "download"),
                                 ("paths", "backup_dir", tmp_path / "bckp"),
                                 ("paths", "state_dir", tmp_path / "state"),
                                 ("logfile", "path", ""), ("sftp", "min_age", 60)]:
-        if not config.has_section(section):
-            config.add_section(section)
-        config.set(section, key, str(value))
+        if not luigi_config.has_section(section):
+            luigi_config.add_section(section)
+        luigi_config.set(section, key, str(value))
     source, database = FakeSource(remote), FakeDatabase()
     monkeypatch.setattr(sftp, "source", lambda: source)
     monkeypatch.setattr(db, "load_log", lambda: database)
@@ -171,12 +165,6 @@ def world(tmp_path, monkeypatch):
     monkeypatch.setattr(db, "claims", lambda: claims)
     monkeypatch.setattr(runmail, "send_at_exit", lambda run_date: None)  # mailed in integration
     yield source, database, manifest, tmp_path
-    for section in config.sections():
-        config.remove_section(section)
-    for section, values in saved.items():
-        config.add_section(section)
-        for key, value in values.items():
-            config.set(section, key, value)
     luigi.task_register.Register.clear_instance_cache()
 
 

@@ -76,18 +76,37 @@ def exit_code_of(worker: luigi.worker.Worker) -> int:
     return code
 
 
-class _LocalScheduler(luigi.scheduler.Scheduler):
-    """Luigi's local scheduler, pruning its task graph at most once a second.
+class LocalScheduler(luigi.scheduler.Scheduler):
+    """Luigi's local scheduler, without two walks over the whole task graph per task run.
 
-    Luigi makes its local scheduler prune the whole graph on every request for work (luigid
-    prunes on a timer): a walk over every task of the run per task run, which grew with the
-    square of the files (measured, 200 files of 1,000 rows: 2.0 s of the run's scheduling,
-    against 0.4 s pruning once a second).  Pruning is what turns a failed task back to pending
-    after ``retry_delay``; a second later is soon enough for that.
+    Each walk costs O(tasks) on every request for work, so a run's scheduling grew with the
+    square of its files (measured on a graph of 200 files with steps that do nothing: 12.5 ms
+    per file, 6.0 without the walks):
+
+    - Luigi makes its local scheduler prune the graph on every request (luigid prunes on a
+      timer).  Here it prunes at most once a second: pruning is what turns a failed task back
+      to pending after ``retry_delay``, and a second later is soon enough for that.
+    - Counting the pending tasks, it walks up from each one to see whether a task it depends on
+      is disabled.  While no task is disabled, none is: the walk is skipped.
     """
 
     PRUNE_EVERY = 1.0
     _pruned = float("-inf")
+    _walk_upstream = True
+
+    def count_pending(self, worker):
+        if self._state.get_active_task_count_for_status(luigi.scheduler.DISABLED):
+            return super().count_pending(worker)
+        self._walk_upstream = False
+        try:
+            return super().count_pending(worker)
+        finally:
+            self._walk_upstream = True
+
+    def _upstream_status(self, task_id, upstream_status_table):
+        if not self._walk_upstream:
+            return ""  # not disabled: the one status count_pending asks about
+        return super()._upstream_status(task_id, upstream_status_table)
 
     def get_work(self, *args, **kwargs):
         now = time.monotonic()
@@ -99,7 +118,7 @@ class _LocalScheduler(luigi.scheduler.Scheduler):
 
 class _SchedulerFactory(luigi.interface._WorkerSchedulerFactory):
     def create_local_scheduler(self):
-        return _LocalScheduler(prune_on_get_work=False, record_task_history=False)
+        return LocalScheduler(prune_on_get_work=False, record_task_history=False)
 
 
 def run_pipeline(args: list[str]) -> int:
