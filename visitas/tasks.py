@@ -49,6 +49,14 @@ class VisitasTask(luigi.Task):
         super().__init__(*args, **kwargs)
         setup.configure()
 
+    def __repr__(self) -> str:
+        # Made once: Luigi's resolves every parameter again, and a task is shown in several log
+        # lines and events per run (measured: 2 ms per file, for the task-time line alone).
+        shown = self.__dict__.get("_repr")
+        if shown is None:
+            shown = self.__dict__["_repr"] = super().__repr__()
+        return shown
+
     @functools.cached_property
     def paths(self) -> RunPaths:
         # Once per task instance: reading a luigi.Config section is costly (Luigi resolves every
