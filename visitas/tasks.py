@@ -50,7 +50,7 @@ class VisitasTask(luigi.Task):
         setup.configure()
 
     def __repr__(self) -> str:
-        # Made once: Luigi's resolves every parameter again, and a task is shown in several log
+        # Made once: Luigi's repr resolves every parameter again, and a task is shown in several log
         # lines and events per run (measured: 2 ms per file, for the task-time line alone).
         shown = self.__dict__.get("_repr")
         if shown is None:
