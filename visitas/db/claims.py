@@ -91,7 +91,8 @@ class Claims:
                 " WHERE file_name = %s AND run_id = %s"), (self.lease, file_name, self.run_id)).rowcount
 
         asked = time.monotonic()
-        renewed = self.db.run(f"renewing the claim on {file_name}", renew)
+        # Apart: a renewal comes while the step works, perhaps inside its load's transaction.
+        renewed = self.db.run_apart(f"renewing the claim on {file_name}", renew)
         if not renewed:
             _held.pop(self._key(file_name), None)
             raise ClaimLost(f"{file_name}: this host's claim expired and another host took the file"

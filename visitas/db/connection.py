@@ -42,6 +42,7 @@ class Database:
         self.retry = retry or {}
         self.lock_wait = lock_wait
         self._conn: psycopg.Connection | None = None
+        self._apart: psycopg.Connection | None = None
         self._schema_ready = False
 
     @classmethod
@@ -93,12 +94,12 @@ class Database:
         return logsetup.dsn_secrets(self._dsn)
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg.Error:
-                pass
+        _close(self._conn)
         self._conn = None
+
+    def close_apart(self) -> None:
+        _close(self._apart)
+        self._apart = None
 
     def run(self, what: str, work: Callable[[psycopg.Connection], object]):
         """Run ``work(conn)`` in one transaction, retried whole on a connection failure."""
@@ -110,10 +111,34 @@ class Database:
 
         return retrying.retry_call(what, attempt, on_retry=self.close, **self.retry)
 
+    def run_apart(self, what: str, work: Callable[[psycopg.Connection], object]):
+        """:meth:`run` on a second connection of this handle's own, for work that must commit
+        by itself while another thread may be inside a transaction on the first (a claim
+        renewed during a load: on the load's connection it would be a savepoint of the load,
+        seen by no other host until its commit, and its ``SET LOCAL`` would apply to that
+        commit)."""
+
+        def attempt():
+            if self._apart is None or self._apart.closed or self._apart.broken:
+                self.close_apart()
+                self._apart = self._connect()
+            with self._apart.transaction():
+                return work(self._apart)
+
+        return retrying.retry_call(what, attempt, on_retry=self.close_apart, **self.retry)
+
     def fetch_one(self, what: str, template: str, params: tuple) -> tuple | None:
         return self.run(what, lambda conn: conn.execute(self.q(template), params).fetchone())
 
     # ------------------------------------------------------------------ markers
+
+
+def _close(conn: psycopg.Connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
 
 
 def scalar(conn: psycopg.Connection, query: str | sql.SQL | sql.Composed, params: Params = ()) -> Any:
