@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import psycopg
 from psycopg import sql
@@ -60,13 +60,14 @@ class Database:
         return _q(template, self.schema)
 
     def connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self.close()
-            self._conn = self._connect()
-            if not self._schema_ready:
-                migrate(self._conn, self.schema)
-                self._schema_ready = True
-        return self._conn
+        if _usable(self._conn):
+            return self._conn
+        self.close()
+        self._conn = conn = self._connect()
+        if not self._schema_ready:
+            migrate(conn, self.schema)
+            self._schema_ready = True
+        return conn
 
     def probe(self) -> psycopg.Connection:
         """A connection of its own, without migrating anything (``visitas check``); the caller
@@ -103,13 +104,7 @@ class Database:
 
     def run(self, what: str, work: Callable[[psycopg.Connection], object]):
         """Run ``work(conn)`` in one transaction, retried whole on a connection failure."""
-
-        def attempt():
-            conn = self.connection()
-            with conn.transaction():
-                return work(conn)
-
-        return retrying.retry_call(what, attempt, on_retry=self.close, **self.retry)
+        return self._run(what, work, self.connection, self.close)
 
     def run_apart(self, what: str, work: Callable[[psycopg.Connection], object]):
         """:meth:`run` on a second connection of this handle's own, for work that must commit
@@ -117,20 +112,32 @@ class Database:
         renewed during a load: on the load's connection it would be a savepoint of the load,
         seen by no other host until its commit, and its ``SET LOCAL`` would apply to that
         commit)."""
+        return self._run(what, work, self._apart_connection, self.close_apart)
 
+    def _apart_connection(self) -> psycopg.Connection:
+        if _usable(self._apart):
+            return self._apart
+        self.close_apart()
+        self._apart = conn = self._connect()
+        return conn
+
+    def _run(self, what: str, work: Callable[[psycopg.Connection], object],
+             connection: Callable[[], psycopg.Connection], close: Callable[[], None]):
         def attempt():
-            if self._apart is None or self._apart.closed or self._apart.broken:
-                self.close_apart()
-                self._apart = self._connect()
-            with self._apart.transaction():
-                return work(self._apart)
+            conn = connection()
+            with conn.transaction():
+                return work(conn)
 
-        return retrying.retry_call(what, attempt, on_retry=self.close_apart, **self.retry)
+        return retrying.retry_call(what, attempt, on_retry=close, **self.retry)
 
     def fetch_one(self, what: str, template: str, params: tuple) -> tuple | None:
         return self.run(what, lambda conn: conn.execute(self.q(template), params).fetchone())
 
     # ------------------------------------------------------------------ markers
+
+
+def _usable(conn: psycopg.Connection | None) -> TypeGuard[psycopg.Connection]:
+    return conn is not None and not conn.closed and not conn.broken
 
 
 def _close(conn: psycopg.Connection | None) -> None:

@@ -303,7 +303,7 @@ class Loader:
         if count == 0:
             return
         if count < SMALL_STAGE:
-            self.merge_few(conn, summaries.select(VISITOR_COLUMNS).collect())
+            self.merge_few(conn, summaries.collect())
         else:
             self.merge_staged(conn, summaries, count)
 
