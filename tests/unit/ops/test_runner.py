@@ -1,8 +1,11 @@
 """The local scheduler of ``visitas run``: Luigi's answers, with less walking of the graph."""
 
+import itertools
 import time
 
 import luigi.scheduler
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from luigi.scheduler import DISABLED, DONE, FAILED, PENDING
 
 from visitas.ops.runner import LocalScheduler
@@ -62,3 +65,99 @@ def test_a_failed_task_is_handed_out_again_after_retry_delay():
     assert scheduler.get_work(worker=WORKER)["task_id"] is None
     time.sleep(LocalScheduler.PRUNE_EVERY + 0.2)  # past the retry delay and the next prune
     assert scheduler.get_work(worker=WORKER)["task_id"] == "load_a"
+
+
+STEPS = ("download", "validate", "load")
+
+
+@st.composite
+def _runs(draw):
+    """Files (a priority each, maybe a step that fails, maybe a resource), then events between
+    two requests for work: a step done earlier found incomplete again, a new file's steps, a
+    file's priority raised."""
+    file = st.tuples(st.integers(0, 3), st.sampled_from((None, *STEPS)), st.booleans())
+    files = draw(st.lists(file, min_size=1, max_size=5))
+    events = draw(st.dictionaries(st.integers(0, 10), st.one_of(
+        st.just(("redo", None)), st.tuples(st.just("file"), file),
+        st.tuples(st.just("raise"), st.integers(0, 4))), max_size=4))
+    return files, events, draw(st.sampled_from((1, 3)))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # neither holds state
+@given(_runs())
+def test_work_and_counts_are_luigis_whatever_fails_or_comes_back(luigi_config, monkeypatch, run):
+    files, events, retry_count = run
+    # Every task gets its own creation time (ties would be broken by each one's iteration order).
+    clock = itertools.count(1_000_000)
+    monkeypatch.setattr(luigi.scheduler.time, "time", lambda: next(clock) / 1000)
+    # No cooldown: a step done is pending again as soon as it is found incomplete.
+    config = dict(record_task_history=False, retry_count=retry_count, stable_done_cooldown_secs=0)
+    made = [luigi.scheduler.Scheduler(prune_on_get_work=True, **config),
+            LocalScheduler(prune_on_get_work=False, **config)]
+    failing: set[str] = set()
+    done: list[str] = []
+
+    def add_file(index: int, priority: int, fails: str | None, needs_resource: bool) -> None:
+        for scheduler in made:
+            previous = ["prepare"]
+            for step in STEPS:
+                task_id = f"{step}_{index}"
+                scheduler.add_task(worker=WORKER, task_id=task_id, status=PENDING, deps=previous,
+                                   priority=priority,
+                                   resources={"db": 1} if needs_resource and step == "load" else None)
+                previous = [task_id]
+        if fails:
+            failing.add(f"{fails}_{index}")
+
+    for scheduler in made:
+        scheduler.add_task(worker=WORKER, task_id="prepare", status=PENDING)
+    for index, file in enumerate(files):
+        add_file(index, *file)
+    handed_out = 0
+    for turn in range(60):
+        replies = [scheduler.get_work(worker=WORKER, current_tasks=[]) for scheduler in made]
+        assert replies[1] == replies[0]
+        assert made[1].count_pending(WORKER) == made[0].count_pending(WORKER)
+        task_id = replies[0]["task_id"]
+        if task_id is None:
+            break
+        handed_out += 1
+        status = FAILED if task_id in failing else DONE
+        for scheduler in made:
+            scheduler.add_task(worker=WORKER, task_id=task_id, status=status)
+        if status == DONE:
+            done.append(task_id)
+        kind, what = events.get(turn, (None, None))
+        if kind == "redo" and done:  # the oldest step done is found incomplete again
+            again = done.pop(0)
+            for scheduler in made:
+                scheduler.add_task(worker=WORKER, task_id=again, status=PENDING)
+        elif kind == "file":
+            add_file(len(files) + turn, *what)
+        elif kind == "raise":
+            for scheduler in made:
+                scheduler.add_task(worker=WORKER, task_id=f"load_{what % len(files)}",
+                                   status=PENDING, priority=10 + turn)
+    assert handed_out >= 1
+
+
+def test_a_second_worker_gets_luigis_answers(luigi_config):
+    """Shared tasks (as with luigid, which this scheduler never is): Luigi's own counts."""
+    made = [luigi.scheduler.Scheduler(prune_on_get_work=True, record_task_history=False),
+            LocalScheduler(prune_on_get_work=False, record_task_history=False)]
+    for scheduler in made:
+        for worker in (WORKER, "other"):
+            scheduler.add_task(worker=worker, task_id="prepare", status=PENDING)
+            scheduler.add_task(worker=worker, task_id=f"load_{worker}", status=PENDING,
+                               deps=["prepare"])
+    first = None
+    for worker in (WORKER, "other", WORKER, "other"):
+        replies = [scheduler.get_work(worker=worker, current_tasks=[]) for scheduler in made]
+        assert replies[1] == replies[0]
+        first = first or replies[0]
+        for scheduler in made:
+            if replies[0]["task_id"]:
+                scheduler.add_task(worker=worker, task_id=replies[0]["task_id"], status=DONE)
+    # prepare is both workers': pending for this one, but not its alone.
+    assert (first["n_pending_tasks"], first["n_unique_pending"]) == (2, 1)
