@@ -87,50 +87,65 @@ def copy_lines(frame: pl.DataFrame) -> bytes:
     return out.getvalue()
 
 
-def prefetch(items: Iterable[T], depth: int = 2, poll: float = 0.2) -> Iterator[T]:
-    """Produce ``items`` in a thread, ``depth`` ahead of the consumer (Polars releases the GIL).
+class Prefetch(Iterator[T]):
+    """``items`` produced in a thread from the moment this is made, ``depth`` ahead of the
+    consumer (Polars releases the GIL); a context manager that stops the thread on exit.
 
     The thread never blocks for good: every hand-over waits in short steps and gives up once the
-    consumer has stopped (an error, a closed generator), so the consumer's ``join`` returns and
-    an outage mid-COPY becomes a retry instead of a hang.
+    consumer has closed it (an error, a retry), so :meth:`close` returns and an outage mid-COPY
+    becomes a retry instead of a hang.
     """
-    ready: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    done = object()
 
-    def hand_over(item: object) -> bool:
-        while not stop.is_set():
+    def __init__(self, items: Iterable[T], depth: int = 2, poll: float = 0.2):
+        self._ready: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._poll = poll
+        self._done = object()
+        self._worker = threading.Thread(target=self._produce, args=(items,),
+                                        name="copy-formatter", daemon=True)
+        self._worker.start()
+
+    def _hand_over(self, item: object) -> bool:
+        while not self._stop.is_set():
             try:
-                ready.put(item, timeout=poll)
+                self._ready.put(item, timeout=self._poll)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self, items: Iterable[T]) -> None:
         try:
             for item in items:
-                if not hand_over(item):
+                if not self._hand_over(item):
                     return
-            hand_over(done)
+            self._hand_over(self._done)
         except BaseException as error:  # handed to the consumer
-            hand_over(error)
+            self._hand_over(error)
 
-    worker = threading.Thread(target=produce, name="copy-formatter", daemon=True)
-    worker.start()
-    try:
-        while True:
+    def __next__(self) -> T:
+        while not self._stop.is_set():
             try:
-                item = ready.get(timeout=poll)
+                item = self._ready.get(timeout=self._poll)
             except queue.Empty:
-                if not worker.is_alive() and ready.empty():
+                if not self._worker.is_alive() and self._ready.empty():
                     raise RuntimeError("the copy formatter stopped without a result") from None
                 continue
-            if item is done:
-                return
+            if item is self._done:
+                break
             if isinstance(item, BaseException):
+                self.close()
                 raise item
-            yield item
-    finally:
-        stop.set()
-        worker.join()
+            return item
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join()
+
+    def __enter__(self) -> Prefetch[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
