@@ -37,7 +37,7 @@ from visitas.transform import split, validate
 log = logging.getLogger(__name__)
 
 
-class VisitasTask(luigi.Task):
+class VisitasTask(config.FixedParams, luigi.Task):
     """Shared by every step: the run date, the host, and where its files live."""
 
     date = luigi.DateParameter(default=dt.date.today())
@@ -324,7 +324,7 @@ class ArchiveZip(FileTask):
         return True
 
 
-class RunAll(luigi.WrapperTask):
+class RunAll(config.FixedParams, luigi.WrapperTask):
     """Everything for one run date: every report currently on the server, each to the end (or
     left to the host that claimed it)."""
 
