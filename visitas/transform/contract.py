@@ -298,7 +298,14 @@ def split_columns(lines: pl.DataFrame) -> pl.DataFrame:
             slow = _split_by_pattern(lines.filter(~is_plain))
             raw = raw.with_columns(raw.get_column(name).scatter(where, slow.get_column(name))
                                    for name in ("is_well_quoted", "field_count", *COLUMNS))
-    return raw.with_columns(_as_null(pl.col(name).str.strip_chars()).alias(name) for name in COLUMNS)
+    return raw.with_columns(_trimmed())
+
+
+@functools.cache
+def _trimmed() -> list[pl.Expr]:
+    """Each raw column trimmed, a null marker as null (built once: building the 15 expressions
+    cost about 0.5 ms a batch)."""
+    return [_as_null(pl.col(name).str.strip_chars()).alias(name) for name in COLUMNS]
 
 
 # Up to this many lines the slow path runs in Python's re: Polars spent about 3 ms on the
