@@ -218,3 +218,22 @@ def test_visits_spilled_in_parts_summarise_as_in_memory(tmp_path, monkeypatch):
     assert in_memory.equals(spilled)
     assert sorted(p.name for p in (tmp_path / "spilled" / "split").iterdir()) == [
         "errors.copy", "summary.json", "visitors.parquet"]  # the spilled parts are gone
+
+
+def test_a_file_of_one_batch_splits_as_in_several(tmp_path):
+    """One batch is summarised in the query that reads it; several, after: the same split."""
+    from visitas.dev import sample
+
+    sample.generate(tmp_path / "in", files=1, rows=3000, seed=5, defects=0.05, visitors=500)
+    data = (tmp_path / "in" / "report_1.txt").read_bytes()
+    splits = {}
+    for name, batch_bytes in (("one", reading.BATCH_BYTES), ("several", 20_000)):
+        (tmp_path / name).mkdir()
+        _, splits[name] = _run(tmp_path / name, data, batch_bytes=batch_bytes)
+    assert len(list((tmp_path / "one" / "checked").glob("checked-*"))) == 1
+    assert len(list((tmp_path / "several" / "checked").glob("checked-*"))) > 3
+    assert splits["one"] == splits["several"]
+    assert splits["one"].error_count > 0 and splits["one"].rows_opened > 0
+    for output in ("visitors.parquet", "errors.copy"):
+        assert ((tmp_path / "one" / "split" / output).read_bytes()
+                == (tmp_path / "several" / "split" / output).read_bytes())
