@@ -143,16 +143,18 @@ class LoadLog:
             (file_name, run_date)) is not None
 
     def mark_archived(self, file_name: str, sha256: str, archive: str) -> None:
-        self.db.run("recording the archive", lambda conn: conn.execute(self.db.q(
+        self.db.execute(
+            "recording the archive",
             "UPDATE {schema}.load_log SET backup_archive = %s, archived_at = coalesce(archived_at, now())"
             " WHERE file_name = %s AND sha256 = %s AND status <> 'failed'"
-            " AND source_removed_at IS NULL"), (archive, file_name, sha256)))
+            " AND source_removed_at IS NULL", (archive, file_name, sha256))
 
     def mark_removed(self, file_name: str, sha256: str) -> None:
-        self.db.run("recording the removal", lambda conn: conn.execute(self.db.q(
+        self.db.execute(
+            "recording the removal",
             "UPDATE {schema}.load_log SET source_removed_at = now()"
             " WHERE file_name = %s AND sha256 = %s AND status <> 'failed'"
-            " AND source_removed_at IS NULL"), (file_name, sha256)))
+            " AND source_removed_at IS NULL", (file_name, sha256))
 
 
 class LoadLogTarget(luigi.Target):
