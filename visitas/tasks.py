@@ -210,6 +210,13 @@ class PrepareRun(VisitasTask):
     def output(self):
         return db.RunLogTarget(self.date)
 
+    def complete(self) -> bool:
+        # Asked again before each file's load; a prepared run date stays prepared (run_log rows
+        # are never deleted), so once seen it is not asked of the database again.
+        if not self.__dict__.get("_prepared"):
+            self.__dict__["_prepared"] = super().complete()
+        return self.__dict__["_prepared"]
+
     def run(self):
         db.load_log().prepare_run(self.date, config.load().truncate_each_run)
 

@@ -226,3 +226,14 @@ def test_a_failed_load_is_recorded_and_the_file_stays_at_the_source(world):
     assert [(r.file_name, r.status) for r in database.rows if r.file_name == "report_2.txt"] == [
         ("report_2.txt", "failed")]
     assert [r.name for r in source.list_reports()] == ["report_2.txt"]
+
+
+def test_a_prepared_run_date_is_not_asked_of_the_database_again(world):
+    """Every load asks whether its run date is prepared; once it is, the answer stays."""
+    _, database, manifest, _ = world
+    asked = []
+    prepared = database.run_prepared
+    database.run_prepared = lambda run_date: asked.append(run_date) or prepared(run_date)
+    assert _run()
+    assert len(database.loads) == len(manifest["files"]) == 2
+    assert asked == [DAY, DAY]  # before it was prepared, then once after
