@@ -311,25 +311,41 @@ def _restore(target: Path) -> None:
     log.warning("%s: an append that did not finish was undone (the zip is as it was)", target.name)
 
 
-def _append_in_place(target: Path, deflated: Deflated, member: str) -> int:
-    """Append ``member`` to the zip at ``target``; returns the bytes written.
+def _append_in_place(target: Path, deflated: Deflated, member: str,
+                     sha256: str) -> tuple[str, int]:
+    """Add ``member`` to the zip at ``target`` unless it is there with this content; returns its
+    name in the zip (``member.<sha8>`` when another content has the name) and the bytes written
+    (0: it was there).
 
-    The journal first; then the member and a new central directory, fsync, read back; the journal
-    goes only once the new zip checks out, and the old zip is put back if anything fails."""
-    with zipfile.ZipFile(target) as existing:
-        start_dir = existing.start_dir
-    _write_journal(target, start_dir)
-    try:
-        with zipfile.ZipFile(target, "a") as archive:
+    The zip's central directory is read once for the check and the append (each read parses
+    every member's entry: four reads per file had grown with the day's files).  The journal
+    first; then the member and a new central directory, fsync, read back; the journal goes
+    only once the new zip checks out, and the old zip is put back if anything fails."""
+    with zipfile.ZipFile(target, "a") as archive:
+        names = set(archive.namelist())
+        if member in names and member_sha256(archive, member) == sha256:
+            return member, 0
+        if member in names:
+            member = f"{member}.{sha256[:8]}"
+            if member in names and member_sha256(archive, member) == sha256:
+                return member, 0
+        start_dir = archive.start_dir
+        _write_journal(target, start_dir)
+        try:
             _append_deflated(archive, deflated, member)
-        _fsync(target)
-        _verify_copied(target, member, deflated)
-    except BaseException:
-        _restore(target)
-        raise
+            archive.close()  # writes the new central directory
+            _fsync(target)
+            _verify_copied(target, member, deflated)
+        except BaseException:
+            # Closed before the old zip is put back (leaving the with block would write a
+            # directory over it), and without writing one (zipfile's private flag again).
+            setattr(archive, "_didModify", False)  # noqa: B010
+            archive.close()
+            _restore(target)
+            raise
     _journal_of(target).unlink()
     _fsync(target.parent)
-    return target.stat().st_size - start_dir
+    return member, target.stat().st_size - start_dir
 
 
 def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: str,
@@ -352,16 +368,10 @@ def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: st
         with _exclusive(backup_dir / f".{target.name}.lock"):
             if target.exists():
                 _restore(target)  # an append a crash interrupted is undone first
-                with zipfile.ZipFile(target) as existing:
-                    names = set(existing.namelist())
-                    if member in names and member_sha256(existing, member) == sha256:
-                        log.info("%s is already in %s", member, target.name)
-                        return f"{target.name}:{member}"
-                    if member in names:
-                        member = f"{member}.{sha256[:8]}"
-                        if member in names and member_sha256(existing, member) == sha256:
-                            return f"{target.name}:{member}"
-                written = _append_in_place(target, deflated, member)
+                member, written = _append_in_place(target, deflated, member, sha256)
+                if not written:
+                    log.info("%s is already in %s", member, target.name)
+                    return f"{target.name}:{member}"
             else:
                 fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
                 os.close(fd)

@@ -211,3 +211,28 @@ def test_backups_older_than_the_retention_are_deleted_and_nothing_else(tmp_path)
                           | {".visitas_20261002.zip.journal"})
     assert not (tmp_path / ".visitas_20261029.zip.lock").exists()
     assert archive.prune_backups(tmp_path, 0, today, today) == []  # 0: keep all
+
+
+@pytest.mark.parametrize("fails", ["after the member is written", "at the read-back"])
+def test_an_append_that_fails_puts_the_previous_zip_back(tmp_path, monkeypatch, fails):
+    backup = tmp_path / "bckp"
+    first, sha1 = _file(tmp_path, "report_1.txt", b"first file\n" * 100)
+    archive.add_to_archive(backup, DAY, first, "report_1.txt", sha1)
+    zip_path = backup / "visitas_20261128.zip"
+    before = zip_path.read_bytes()
+    if fails == "at the read-back":
+        def broken(*args):
+            raise archive.ArchiveError("does not read back")
+        monkeypatch.setattr(archive, "_verify_copied", broken)
+    else:
+        append = archive._append_deflated
+
+        def broken(*args):
+            append(*args)
+            raise archive.ArchiveError("the disk went away")
+        monkeypatch.setattr(archive, "_append_deflated", broken)
+    second, sha2 = _file(tmp_path, "report_2.txt", b"second file\n" * 100)
+    with pytest.raises(archive.ArchiveError):
+        archive.add_to_archive(backup, DAY, second, "report_2.txt", sha2)
+    assert zip_path.read_bytes() == before
+    assert [p.name for p in backup.iterdir() if "journal" in p.name] == []
