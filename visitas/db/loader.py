@@ -211,7 +211,7 @@ class Loader:
         # committed since it was looked for; if so, this load is done again as an extension.
         if not rejected and self._extension_parent(conn, job) != parent:
             raise ExtensionRace(f"{name}: a file it extends was loaded meanwhile")
-        self._merge_visitors(conn, split_dir / "visitors.parquet")
+        self._merge_visitors(conn, split_dir / "visitors.parquet", summary.visitors)
         log.info("%s: statistics copied in %.2fs, errors and visitors in %.2fs", name,
                  copied - clock, time.perf_counter() - copied)
         conn.execute(self.db.q("UPDATE {schema}.load_log SET finished_at = clock_timestamp() WHERE id = %s"),
@@ -305,10 +305,9 @@ class Loader:
                     text = copy_text(batch)
         return refused
 
-    def _merge_visitors(self, conn: psycopg.Connection, visitors_path: Path) -> None:
-        """Merge the file's visitor summaries (call under the merge lock)."""
+    def _merge_visitors(self, conn: psycopg.Connection, visitors_path: Path, count: int) -> None:
+        """Merge the file's ``count`` visitor summaries (call under the merge lock)."""
         summaries = pl.scan_parquet(visitors_path)
-        count = summaries.select(pl.len()).collect().item()
         if count == 0:
             return
         if count < SMALL_STAGE:
