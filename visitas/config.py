@@ -73,6 +73,9 @@ class paths(FixedParams, luigi.Config):  # noqa: N801
                                " 0: keep all")
     metrics_file = luigi.Parameter(
         default="", description="Prometheus textfile written after each `visitas run`; empty: none")
+    files_per_zip = luigi.NumericalParameter(
+        var_type=int, min_value=1, max_value=65536, default=100,
+        description="files per backup zip (1-65535); a day's next files go into a new one")
 
     def resolved_state_dir(self) -> str:
         return self.state_dir or self.download_dir.rstrip("/") + "-state"

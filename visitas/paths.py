@@ -6,6 +6,7 @@
     state_dir/YYYYMMDD/<file>/split/                   errors.copy, visitors.parquet, summary.json
     state_dir/YYYYMMDD/<file>/reload/                  a split of part of the file (LoadPostgres)
     state_dir/YYYYMMDD/<file>/backup.deflate(.json)    the deflated backup, checked
+    state_dir/YYYYMMDD/<file>/backup.zipname           the zip ArchiveZip is adding it to
     state_dir/YYYYMMDD/archived/<file>.json            ArchiveZip's marker
     state_dir/YYYYMMDD/elsewhere/<file>                taken by another worker or host
     state_dir/YYYYMMDD/deferred/<file>                 left at the source by a run (its run id)
@@ -69,6 +70,9 @@ class RunPaths:
 
     def deflated(self, name: str) -> Path:
         return self.state(name, "backup.deflate")
+
+    def zip_note(self, name: str) -> Path:
+        return self.state(name, "backup.zipname")
 
     def archived(self, name: str) -> Path:
         return self.state_root / self.day / "archived" / f"{check_safe(name)}.json"

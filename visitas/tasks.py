@@ -295,7 +295,9 @@ class ArchiveZip(FileTask):
         where = archive.add_to_archive(Path(config.paths().backup_dir), self.date,
                                        Path(downloaded["file"].path), member, verdict.sha256,
                                        config.load().zip_level,
-                                       packed=self.paths.deflated(self.file_name))
+                                       packed=self.paths.deflated(self.file_name),
+                                       note=self.paths.zip_note(self.file_name),
+                                       part_members=config.paths().files_per_zip)
         load_log.mark_archived(self.file_name, verdict.sha256, where)
         archive.prune_backups(Path(config.paths().backup_dir), config.paths().keep_backups_days,
                               dt.date.today(), self.date)

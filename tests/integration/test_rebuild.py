@@ -3,6 +3,7 @@ real PostgreSQL — "identical" on a healthy database, the exact counters back a
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def _rebuild(env, *args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def _several_days(env) -> list[dict]:
+def _several_days(env, zips: tuple[str, ...] = ("visitas_20261101.zip", "visitas_20261102.zip")
+                  ) -> list[dict]:
     """Two run dates: good and bad rows, a stalled half upload completed the next day (an
     extension), a duplicate and a rejected file.  Returns the manifests of what counts."""
     first = env.generate(files=3, rows=400, seed=31, defects=0.04)
@@ -58,8 +60,7 @@ def _several_days(env) -> list[dict]:
         ("report_4.txt", "loaded", True), ("report_5.txt", "loaded", False),
         ("report_6.txt", "loaded", False), ("report_8.txt", "rejected", False),
         ("report_9.txt", "duplicate", False)]
-    assert sorted(p.name for p in env.backup_dir.glob("*.zip")) == [
-        "visitas_20261101.zip", "visitas_20261102.zip"]
+    assert sorted(p.name for p in env.backup_dir.glob("*.zip")) == sorted(zips)
     return [first, stalled, second]
 
 
@@ -96,6 +97,26 @@ def test_a_damaged_visitor_table_is_found_and_rebuilt_exactly(env):
     again = _rebuild(env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.rstrip().endswith("identical")
+
+
+def test_days_spread_over_several_zips_are_archived_whole_and_rebuilt_from_them(env):
+    env.write_config("[paths]\nfiles_per_zip = 2\n")
+    truth = env.truth(*_several_days(env, zips=(
+        "visitas_20261101.zip", "visitas_20261101_2.zip", "visitas_20261102.zip",
+        "visitas_20261102_2.zip", "visitas_20261102_3.zip")))
+    members = env.zip_members()
+    assert len(members) == 9  # four files on the first day, five on the second
+    for zip_name in {name.split(":", 1)[0] for name in members}:
+        with zipfile.ZipFile(env.backup_dir / zip_name) as archive:
+            assert len(archive.namelist()) <= 2
+    recorded = env.query("SELECT backup_archive, sha256 FROM load_log")
+    assert sorted(where for where, _ in recorded) == sorted(members)
+    assert all(hashlib.sha256(members[where]).hexdigest() == sha for where, sha in recorded)
+    assert_frame_equal(env.visitors(), expected_visitors(truth))
+    healthy = _rebuild(env)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert healthy.stdout.startswith("replayed 7 loaded file(s)")
+    assert healthy.stdout.rstrip().endswith("identical")
 
 
 def test_a_healthy_database_rebuilds_identical_and_missing_backups_are_refused(env):

@@ -236,3 +236,84 @@ def test_an_append_that_fails_puts_the_previous_zip_back(tmp_path, monkeypatch, 
         archive.add_to_archive(backup, DAY, second, "report_2.txt", sha2)
     assert zip_path.read_bytes() == before
     assert [p.name for p in backup.iterdir() if "journal" in p.name] == []
+
+
+def _add(backup, tmp_path, i, size=3000, **kwargs):
+    path, sha = _file(tmp_path, f"report_{i}.txt", (b"%d,visit\n" % i) * (size // 8))
+    return archive.add_to_archive(backup, DAY, path, path.name, sha, **kwargs)
+
+
+def test_a_full_zip_is_left_as_it_is_and_the_day_goes_on_in_a_new_one(tmp_path):
+    backup = tmp_path / "bckp"
+    where = [_add(backup, tmp_path, i, part_members=2) for i in range(1, 6)]
+    assert where == ["visitas_20261128.zip:report_1.txt", "visitas_20261128.zip:report_2.txt",
+                     "visitas_20261128_2.zip:report_3.txt", "visitas_20261128_2.zip:report_4.txt",
+                     "visitas_20261128_3.zip:report_5.txt"]
+    first = (backup / "visitas_20261128.zip").read_bytes()
+    _add(backup, tmp_path, 6, part_members=2)
+    assert (backup / "visitas_20261128.zip").read_bytes() == first
+    for name, members in [("visitas_20261128.zip", [1, 2]), ("visitas_20261128_2.zip", [3, 4]),
+                          ("visitas_20261128_3.zip", [5, 6])]:
+        with zipfile.ZipFile(backup / name) as result:
+            assert result.testzip() is None
+            assert result.namelist() == [f"report_{i}.txt" for i in members]
+    assert [p for _, p in archive.day_zips(backup, DAY)] == [
+        backup / "visitas_20261128.zip", backup / "visitas_20261128_2.zip",
+        backup / "visitas_20261128_3.zip"]
+
+
+def _written(caplog) -> list[int]:
+    return [int(r.getMessage().rsplit("(", 1)[1].split()[0]) for r in caplog.records
+            if r.getMessage().startswith("archived ")]
+
+
+@pytest.mark.parametrize("part_members", [5, 1000])
+def test_bytes_written_per_file_do_not_grow_with_the_day(tmp_path, caplog, part_members):
+    """Each append rewrites its zip's central directory: bounded by the members per zip."""
+    caplog.set_level("INFO", logger="visitas.archive")
+    backup = tmp_path / "bckp"
+    for i in range(1, 61):  # same size, same name length: only the directory differs
+        _add(backup, tmp_path, 10 + i, part_members=part_members)
+    written = _written(caplog)
+    assert len(written) == 60
+    grows = max(written[40:]) - max(written[:5])
+    if part_members == 5:
+        assert grows <= 0
+    else:  # one zip for the day: each append writes a directory of every member so far
+        assert grows > 35 * 40
+
+
+def test_a_file_added_again_after_a_crash_is_found_in_the_zip_its_note_names(tmp_path):
+    backup = tmp_path / "bckp"
+    note = tmp_path / "backup.zipname"
+    assert _add(backup, tmp_path, 1, part_members=2) == "visitas_20261128.zip:report_1.txt"
+    assert _add(backup, tmp_path, 2, part_members=2, note=note) == "visitas_20261128.zip:report_2.txt"
+    assert note.read_text() == "visitas_20261128.zip"
+    _add(backup, tmp_path, 3, part_members=2)  # the day goes on in a second zip meanwhile
+    sizes = {p.name: p.stat().st_size for p in backup.glob("*.zip")}
+    # report_2.txt's step died after the append, before the database recorded it: run again
+    assert _add(backup, tmp_path, 2, part_members=2, note=note) == "visitas_20261128.zip:report_2.txt"
+    assert {p.name: p.stat().st_size for p in backup.glob("*.zip")} == sizes
+    # Without its note it would be looked for in the last zip only, and stored there again.
+    assert _add(backup, tmp_path, 2, part_members=2) == "visitas_20261128_2.zip:report_2.txt"
+
+
+def test_old_days_are_pruned_with_all_their_zips(tmp_path):
+    import fcntl
+
+    names = ["visitas_20261001.zip", "visitas_20261001_2.zip", "visitas_20261001_10.zip",
+             "visitas_20261002.zip", "visitas_20261002_2.zip", "visitas_20261003_2.zip",
+             "visitas_20261004.zip", "visitas_20261004_2.zip",
+             "visitas_20261001_1.zip", "visitas_20261001_02.zip", "visitas_20261001_x.zip",
+             "visitas_20261128.zip", "visitas_20261128_2.zip"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".visitas_20261002_2.zip.journal").write_bytes(b"")  # an interrupted append
+    with open(tmp_path / ".visitas_20261004.zip.lock", "a") as busy:
+        fcntl.flock(busy, fcntl.LOCK_EX)  # being appended to by another worker
+        deleted = archive.prune_backups(tmp_path, 30, dt.date(2026, 11, 29), current=DAY)
+    assert sorted(p.name for p in deleted) == [
+        "visitas_20261001.zip", "visitas_20261001_10.zip", "visitas_20261001_2.zip",
+        "visitas_20261003_2.zip"]
+    assert sorted(p.name for p in tmp_path.glob("visitas_*")) == sorted(
+        set(names) - {p.name for p in deleted})
