@@ -285,11 +285,12 @@ def _stage_seconds(log: Path) -> dict:
     return stages
 
 
-def _archive_bytes(log: Path) -> int:
-    """Bytes the archive step wrote into the backup zips (its log lines say)."""
+def _archive_bytes(log: Path) -> list[int]:
+    """Bytes the archive step wrote into the backup zips for each file, in order (its log lines
+    say)."""
     pattern = re.compile(r"archived .* \((\d+) bytes written\)")
     lines = log.read_text().splitlines() if log.exists() else []
-    return sum(int(m.group(1)) for m in map(pattern.search, lines) if m)
+    return [int(m.group(1)) for m in map(pattern.search, lines) if m]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,10 +383,14 @@ def _measure(bench: Bench, args: argparse.Namespace, report: Path, twin: Path | 
                   else bench.pipeline_hosts(schema, hosts))
         counts = bench.counts(schema)
         extra = f", peak RSS {result['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in result else ""
-        if "archive_bytes" in result:
+        if result.get("archive_bytes"):
             zips = sum(p.stat().st_size for p in (bench.base / f"run-{schema}").rglob("visitas_*.zip"))
-            extra += (f", archive wrote {result['archive_bytes'] / 1048576:.1f} MiB"
-                      f" for zips of {zips / 1048576:.1f} MiB")
+            written = result["archive_bytes"]
+            quarter = max(len(written) // 4, 1)
+            extra += (f", archive wrote {sum(written) / 1048576:.1f} MiB for zips of"
+                      f" {zips / 1048576:.1f} MiB (per file: {sum(written[:quarter]) / quarter / 1024:.1f}"
+                      f" KiB for the first {quarter}, {sum(written[-quarter:]) / quarter / 1024:.1f} KiB"
+                      f" for the last {quarter})")
         files = args.many_files
         print(f"{tag} {files} files x {args.many_rows:,} rows, {label}: {result['seconds']:.1f}s"
               f" ({60 * files / result['seconds']:.0f} files/min, {1000 * result['seconds'] / files:.0f}"
