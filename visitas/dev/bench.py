@@ -285,12 +285,19 @@ def _stage_seconds(log: Path) -> dict:
     return stages
 
 
-def _archive_bytes(log: Path) -> list[int]:
-    """Bytes the archive step wrote into the backup zips for each file, in order (its log lines
-    say)."""
-    pattern = re.compile(r"archived .* \((\d+) bytes written\)")
+def _archive_bytes(log: Path) -> list[tuple[int, int]]:
+    """For each file the archive step added, in order: the bytes it wrote into the zip and, of
+    those, the zip's rewritten central directory (its log line names the member and the zip)."""
+    pattern = re.compile(r"archived (\S+) into (\S+) \((\d+) bytes written\)")
     lines = log.read_text().splitlines() if log.exists() else []
-    return [int(m.group(1)) for m in map(pattern.search, lines) if m]
+    written = []
+    for found in filter(None, map(pattern.search, lines)):
+        member, path, size = found.group(1), Path(found.group(2)), int(found.group(3))
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(member)
+        own = 30 + len(info.filename.encode()) + len(info.extra) + info.compress_size
+        written.append((size, size - own))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,11 +393,11 @@ def _measure(bench: Bench, args: argparse.Namespace, report: Path, twin: Path | 
         if result.get("archive_bytes"):
             zips = sum(p.stat().st_size for p in (bench.base / f"run-{schema}").rglob("visitas_*.zip"))
             written = result["archive_bytes"]
-            quarter = max(len(written) // 4, 1)
-            extra += (f", archive wrote {sum(written) / 1048576:.1f} MiB for zips of"
-                      f" {zips / 1048576:.1f} MiB (per file: {sum(written[:quarter]) / quarter / 1024:.1f}"
-                      f" KiB for the first {quarter}, {sum(written[-quarter:]) / quarter / 1024:.1f} KiB"
-                      f" for the last {quarter})")
+            directories = [directory for _, directory in written]
+            extra += (f", archive wrote {sum(size for size, _ in written) / 1048576:.1f} MiB for zips"
+                      f" of {zips / 1048576:.1f} MiB: the members, and zip directories of"
+                      f" {sum(directories) / 1048576:.2f} MiB, at most {max(directories) / 1024:.1f}"
+                      f" KiB for a file")
         files = args.many_files
         print(f"{tag} {files} files x {args.many_rows:,} rows, {label}: {result['seconds']:.1f}s"
               f" ({60 * files / result['seconds']:.0f} files/min, {1000 * result['seconds'] / files:.0f}"
