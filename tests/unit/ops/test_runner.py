@@ -1,13 +1,20 @@
-"""The local scheduler of ``visitas run``: Luigi's answers, with less walking of the graph."""
+"""The local scheduler and worker of ``visitas run``: Luigi's answers, with less walking of the graph
+and a shorter way for results."""
 
 import itertools
+import os
+import threading
 import time
 
+import luigi
+import luigi.execution_summary
+import luigi.interface
 import luigi.scheduler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from luigi.scheduler import DISABLED, DONE, FAILED, PENDING
 
+from visitas.ops import runner
 from visitas.ops.runner import LocalScheduler
 
 WORKER = "w"
@@ -161,3 +168,65 @@ def test_a_second_worker_gets_luigis_answers(luigi_config):
                 scheduler.add_task(worker=worker, task_id=replies[0]["task_id"], status=DONE)
     # prepare is both workers': pending for this one, but not its alone.
     assert (first["n_pending_tasks"], first["n_unique_pending"]) == (2, 1)
+
+
+class _Step(luigi.Task):
+    """Writes its pid.  Its name says what it does: ``child``, run with a timeout, which makes Luigi
+    run it in a child process; ``broken``, fails; ``yields``, requires another step as it runs."""
+
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+    AFTER = {"here": "first", "in_a_child": "here", "after_broken": "broken"}
+
+    @property
+    def worker_timeout(self):
+        return 120 if "child" in self.name else None
+
+    def requires(self):
+        after = self.AFTER.get(self.name)
+        return [_Step(root=self.root, name=after)] if after else []
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, self.name))
+
+    def run(self):
+        if self.name == "yields":
+            yield _Step(root=self.root, name="yielded_to_a_child")
+        if "broken" in self.name:
+            raise RuntimeError(f"{self.name} fails")
+        with self.output().open("w") as out:
+            out.write(str(os.getpid()))
+
+
+def _steps(root: str) -> list[luigi.Task]:
+    return [_Step(root=root, name=name) for name in (
+        "here", "first", "in_a_child", "yields", "broken", "broken_child", "after_broken")]
+
+
+def test_the_worker_gets_every_result_of_tasks_run_here_or_in_a_child(luigi_config, tmp_path):
+    """``visitas run``'s worker takes results of tasks it ran itself from a list, those of
+    child processes from Luigi's queue: the same outcome as Luigi's own worker."""
+    luigi_config.set("worker", "no_install_shutdown_handler", "true")  # run from a thread
+    outcomes = {}
+    for label, factory in (("luigi", luigi.interface._WorkerSchedulerFactory()),
+                           ("ours", runner._SchedulerFactory())):
+        root = tmp_path / label
+        root.mkdir()
+        results = []
+        build = threading.Thread(target=lambda: results.append(luigi.build(
+            _steps(str(root)), worker_scheduler_factory=factory, detailed_summary=True,
+            local_scheduler=True, workers=1)), daemon=True)
+        build.start()
+        build.join(120)  # a result that never arrives leaves the worker waiting for good
+        assert results, f"{label}: the worker still waits for a task's result"
+        summary = luigi.execution_summary._summary_dict(results[0].worker)
+        outcomes[label] = {status: sorted(task.name for task in tasks)
+                           for status, tasks in summary.items() if tasks}
+        pids = {path.name: int(path.read_text()) for path in root.iterdir()}
+        assert pids["here"] == pids["first"] == os.getpid()
+        assert pids["in_a_child"] != os.getpid() and pids["yielded_to_a_child"] != os.getpid()
+    assert outcomes["ours"] == outcomes["luigi"]
+    assert outcomes["ours"]["completed"] == ["first", "here", "in_a_child", "yielded_to_a_child",
+                                             "yields"]
+    assert outcomes["ours"]["failed"] == ["broken", "broken_child"]
+    assert outcomes["ours"]["upstream_failure"] == ["after_broken"]
