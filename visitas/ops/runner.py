@@ -248,6 +248,7 @@ class _Worker(luigi.worker.Worker):
         super().__init__(*args, **kwargs)
         # Luigi's private attribute: read by _handle_next_task, written by the task processes and
         # _purge_children (held to Luigi's own queue by tests/unit/ops/test_runner.py).
+        self._task_result_queue.close()
         self._task_result_queue = _ResultQueue()
 
 
