@@ -223,10 +223,10 @@ class _ResultQueue:
     files of 1,000 rows, two runs each: Luigi's handling of the results 1.37 ms per file, 0.68
     with the list."""
 
-    def __init__(self) -> None:
+    def __init__(self, children: multiprocessing.Queue) -> None:
         self._pid = os.getpid()
         self._here: collections.deque = collections.deque()
-        self._children: multiprocessing.Queue = multiprocessing.Queue()
+        self._children = children
 
     def put(self, result) -> None:
         if os.getpid() == self._pid:
@@ -247,9 +247,9 @@ class _Worker(luigi.worker.Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Luigi's private attribute: read by _handle_next_task, written by the task processes and
-        # _purge_children (held to Luigi's own queue by tests/unit/ops/test_runner.py).
-        self._task_result_queue.close()
-        self._task_result_queue = _ResultQueue()
+        # _purge_children (held to Luigi's own queue by tests/unit/ops/test_runner.py).  Its queue
+        # stays, for the steps run in a child process.
+        self._task_result_queue = _ResultQueue(self._task_result_queue)
 
 
 class _SchedulerFactory(luigi.interface._WorkerSchedulerFactory):
