@@ -403,9 +403,9 @@ def _create(target: Path, deflated: Deflated, member: str) -> int:
 
 
 def _noted_elsewhere(note: Path | None, parts: list[tuple[int, Path]], member: str,
-                     sha256: str) -> str | None:
-    """``zipname:member`` if the zip ``note`` names (an append this file began earlier, not the
-    day's last zip, which is checked anyway) holds this content."""
+                     sha256: str) -> tuple[Path, str] | None:
+    """The zip ``note`` names (an append this file began earlier; not the day's last zip, which
+    is checked anyway) and the member's name in it, if that zip holds this content."""
     try:
         noted = note.read_text().strip() if note is not None else ""
     except OSError:
@@ -415,7 +415,7 @@ def _noted_elsewhere(note: Path | None, parts: list[tuple[int, Path]], member: s
         return None
     with zipfile.ZipFile(target) as archive:
         stored = _stored(archive, set(archive.namelist()), member, sha256)
-    return stored and f"{target.name}:{stored}"
+    return (target, stored) if stored else None
 
 
 def _write_note(note: Path | None, target: Path) -> None:
@@ -455,11 +455,11 @@ def add_to_archive(backup_dir: Path, run_date: dt.date, source: Path, member: st
                 # (a new one appears whole, by a rename), after this: no other zip has a journal.
                 _restore(parts[-1][1])
             found = _noted_elsewhere(note, parts, member, sha256)
-            if found:
-                log.info("%s is already in %s", found.split(":", 1)[1], found.split(":", 1)[0])
-                return found
             placed = None
-            if parts:
+            if found:
+                target, member = found
+                placed = member, 0
+            elif parts:
                 target = parts[-1][1]
                 _write_note(note, target)
                 placed = _append_in_place(target, deflated, member, sha256, part_members)
