@@ -275,11 +275,11 @@ class Loader:
         refused: dict[int, tuple[str, str, str]] = {}
         line_end = b"\t%d\n" % load_id  # load_id is the last column: at each line's end
 
-        def copy_text(rows: pl.DataFrame) -> bytes:
-            return copy_lines(rows).replace(b"\n", line_end)
+        def with_load_id(text: bytes) -> bytes:
+            return text.replace(b"\n", line_end)
 
         for batch, text in formatted:
-            text = text.replace(b"\n", line_end)
+            text = with_load_id(text)
             while batch.height:
                 try:
                     with conn.transaction():
@@ -300,16 +300,16 @@ class Loader:
                     if index:
                         with conn.transaction():
                             self._copy(conn, "statistics", STATISTICS_COLUMNS,
-                                       [[copy_text(batch.slice(0, index))]])
+                                       [[with_load_id(copy_lines(batch.slice(0, index)))]])
                     batch = batch.slice(index + 1)
-                    text = copy_text(batch)
+                    text = with_load_id(copy_lines(batch))
         return refused
 
     def _merge_visitors(self, conn: psycopg.Connection, visitors_path: Path, count: int) -> None:
         """Merge the file's ``count`` visitor summaries (call under the merge lock)."""
-        summaries = pl.scan_parquet(visitors_path)
         if count == 0:
             return
+        summaries = pl.scan_parquet(visitors_path)
         if count < SMALL_STAGE:
             self.merge_few(conn, summaries.collect())
         else:
