@@ -1,4 +1,5 @@
-"""Frames -> PostgreSQL COPY text format, built column-wise by Polars (no per-row Python).
+"""Frames -> PostgreSQL text: COPY lines, or one array literal per column; built column-wise by
+Polars (no per-row Python).
 
 Escaping is only paid for where it is needed: a text column (or list column) in which no value
 holds a character that COPY or array syntax treats specially is written as it is.
@@ -85,6 +86,27 @@ def copy_lines(frame: pl.DataFrame) -> bytes:
     text.write_csv(out, include_header=False, separator="\t", quote_style="never", null_value=NULL,
                    datetime_format="%Y-%m-%d %H:%M:%S", date_format="%Y-%m-%d")
     return out.getvalue()
+
+
+def array_literals(frame: pl.DataFrame) -> tuple[str, ...]:
+    """Each column of ``frame`` as one array literal (``{"a","b"}``, ``{1,NULL}``), for a
+    parameter cast to that column's array type and unnested: text elements are always quoted
+    (backslash and double quote escaped), other values written as PostgreSQL reads them, a null
+    as ``NULL``.  Columns of strings, integers and dates only."""
+    def element(name: str, dtype: pl.DataType) -> pl.Expr:
+        column = pl.col(name)
+        if dtype == pl.String:
+            column = pl.concat_str(pl.lit('"'), column.str.replace_all("\\", "\\\\", literal=True)
+                                   .str.replace_all('"', '\\"', literal=True), pl.lit('"'))
+        elif dtype.is_integer() or dtype == pl.Date:
+            column = column.cast(pl.String)
+        else:
+            raise TypeError(f"no array literal for {name} ({dtype})")
+        return column.fill_null("NULL")
+
+    return frame.select(
+        pl.concat_str(pl.lit("{"), element(name, dtype).str.join(","), pl.lit("}")).alias(name)
+        for name, dtype in frame.schema.items()).row(0)
 
 
 class Prefetch(Iterator[T]):
