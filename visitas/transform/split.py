@@ -99,7 +99,10 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path, after_line:
         whole = len(parts) == 1
 
         def read(part: Path) -> tuple[bytes, pl.DataFrame, pl.DataFrame, dict, tuple]:
-            checked = _with_refusals(_lines_after(pl.scan_parquet(part), after_line), refused or {})
+            # Read once, then queried five times: scanned, the five queries each read the file
+            # (a 1,000-row file's split 9.6-10.1 -> 8.2-9.2 ms; 2M rows 2.07-2.25 -> 1.91-2.10 s).
+            batch = pl.read_parquet(part).lazy()
+            checked = _with_refusals(_lines_after(batch, after_line), refused or {})
             visits = contract.visits(checked)
             errors = contract.error_rows(checked, source_file)
             found = pl.collect_all([  # one read of the batch
