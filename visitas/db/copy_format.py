@@ -1,8 +1,9 @@
 """Frames -> PostgreSQL text: COPY lines, or one array literal per column; built column-wise by
 Polars (no per-row Python).
 
-Escaping is only paid for where it is needed: a text column (or list column) in which no value
-holds a character that COPY or array syntax treats specially is written as it is.
+In COPY lines, escaping is only paid for where it is needed: a text column (or list column) in
+which no value holds a character that COPY or array syntax treats specially is written as it is.
+Array literals (a few hundred values each) always quote and escape their text.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def split_report(checked_dir: Path, source_file: str, out_dir: Path, after_line:
             checked = _with_refusals(_lines_after(batch, after_line), refused or {})
             visits = contract.visits(checked)
             errors = contract.error_rows(checked, source_file)
-            found = pl.collect_all([  # one read of the batch
+            found = pl.collect_all([  # the batch's five queries, planned together
                 errors, errors.group_by("reason").len(),
                 visitors.visitor_rule(visits) if whole else visits,
                 contract.warning_counts(checked),
