@@ -8,10 +8,14 @@ section names, as Luigi requires.
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import luigi
+import luigi.configuration
+from luigi.cmdline_parser import CmdlineParser
 from luigi.parameter import ParameterVisibility
+from luigi.task_register import Register
 
 from visitas.archive import ZIP_LEVELS
 from visitas.transform import contract
@@ -36,7 +40,37 @@ class FixedParams:
         return listed
 
 
-class sftp(FixedParams, luigi.Config):  # noqa: N801 - the cfg section is [sftp]
+_ENV_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+class Section(Register):
+    """The metaclass of the sections: ``section()`` resolves its parameters again only when what
+    they are read from changed.
+
+    Making a ``luigi.Config`` object resolves every parameter from the configuration each time
+    (Luigi's own cache of objects is looked up after that): 40-250 us a section, read about twenty
+    times per file of a run.  What a section's parameters depend on is the section's raw text in
+    the configuration, the environment variables its ``${VAR}`` references name, and the command
+    line Luigi is running; they are its fingerprint, about 5 us to take.  Changed configuration
+    (a reload, a test's ``set``) gives a new fingerprint, so the section is resolved again.
+    """
+
+    def __call__(cls, *args, **kwargs):
+        if args or kwargs:
+            return super().__call__(*args, **kwargs)
+        parser, name = luigi.configuration.get_config(), cls.get_task_family()
+        raw = tuple(parser.items(name, raw=True)) if parser.has_section(name) else ()
+        names = {var for _, value in raw for var in _ENV_REFERENCE.findall(value or "")}
+        fingerprint = (raw, tuple(sorted((var, os.environ.get(var)) for var in names)),
+                       CmdlineParser.get_instance())
+        made = cls.__dict__.get("_made")
+        if made is None or made[0] != fingerprint:
+            made = (fingerprint, super().__call__())
+            cls._made = made
+        return made[1]
+
+
+class sftp(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801 - the cfg section is [sftp]
     host = luigi.Parameter(default="localhost")
     port = luigi.IntParameter(default=22)
     username = luigi.Parameter(default="")
@@ -52,7 +86,7 @@ class sftp(FixedParams, luigi.Config):  # noqa: N801 - the cfg section is [sftp]
         default=120.0, description="seconds since a file's last modification before it is taken")
 
 
-class postgres(FixedParams, luigi.Config):  # noqa: N801
+class postgres(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801
     dsn = luigi.Parameter(default="", visibility=PRIVATE, significant=False,
                           description="libpq DSN; empty means the VISITAS_DSN environment variable")
     schema = luigi.Parameter(default="public")
@@ -63,7 +97,7 @@ class postgres(FixedParams, luigi.Config):  # noqa: N801
         return self.dsn or os.environ.get("VISITAS_DSN", "")
 
 
-class paths(FixedParams, luigi.Config):  # noqa: N801
+class paths(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801
     download_dir = luigi.Parameter(default="/tmp/visitas")
     backup_dir = luigi.Parameter(default="/home/etl/visitas/bckp")
     state_dir = luigi.Parameter(default="", description="intermediate files and task markers;"
@@ -81,7 +115,7 @@ class paths(FixedParams, luigi.Config):  # noqa: N801
         return self.state_dir or self.download_dir.rstrip("/") + "-state"
 
 
-class notify(FixedParams, luigi.Config):  # noqa: N801
+class notify(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801
     smtp_host = luigi.Parameter(default="")
     smtp_port = luigi.IntParameter(default=25)
     smtp_user = luigi.Parameter(default="")
@@ -97,7 +131,7 @@ class notify(FixedParams, luigi.Config):  # noqa: N801
                                   " 0: never")
 
 
-class load(FixedParams, luigi.Config):  # noqa: N801
+class load(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801
     truncate_each_run = luigi.BoolParameter(
         default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="empty statistics and errors once per run date before loading")
@@ -110,20 +144,20 @@ class load(FixedParams, luigi.Config):  # noqa: N801
                                       description="ISA-L deflate level of the backup zip (0-3)")
 
 
-class retry(FixedParams, luigi.Config):  # noqa: N801
+class retry(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801
     attempts = luigi.IntParameter(default=5, description="tries of one SFTP or database operation")
     first_delay = luigi.FloatParameter(default=1.0, description="seconds before the 2nd try; doubles")
     max_delay = luigi.FloatParameter(default=30.0)
 
 
-class logfile(FixedParams, luigi.Config):  # noqa: N801 - [log] would clash with Luigi's --log-level
+class logfile(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801 - [log] would clash with Luigi's --log-level
     path = luigi.Parameter(default="logs/visitas.log", description="rotating log file; empty: none")
     level = luigi.Parameter(default="INFO")
     max_mb = luigi.IntParameter(default=20)
     backups = luigi.IntParameter(default=10)
 
 
-class cluster(FixedParams, luigi.Config):  # noqa: N801
+class cluster(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801
     """Several hosts sharing one luigid and one database (README: Past one machine)."""
 
     host = luigi.Parameter(default="", description="this host's name in task ids, claims and"

@@ -225,9 +225,11 @@ class LoadPostgres(FileTask):
     """One transaction per file: rows, errors, visitors and the load_log row (the marker)."""
 
     def requires(self):
+        run = self.__dict__.get("_run")
+        if run is None:  # made once, as part_of does for the file's own steps
+            run = self.__dict__["_run"] = PrepareRun(date=self.date, host=self.host)
         return {"download": self.part_of(DownloadReport), "checked": self.part_of(ValidateReport),
-                "split": self.part_of(SplitVisitorStats),
-                "run": PrepareRun(date=self.date, host=self.host)}
+                "split": self.part_of(SplitVisitorStats), "run": run}
 
     def output(self):
         verdict = self.verdict()

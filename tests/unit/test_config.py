@@ -1,6 +1,7 @@
 """Configuration classes: their parameters, listed once per class."""
 
 import luigi
+from luigi.cmdline_parser import CmdlineParser
 import pytest
 
 from visitas import config, tasks
@@ -31,3 +32,30 @@ def test_files_per_zip_is_taken_within_its_range_and_refused_outside(luigi_confi
         luigi_config.set("paths", "files_per_zip", wrong)
         with pytest.raises(ValueError, match="files_per_zip"):
             config.paths()
+
+
+def test_a_section_is_resolved_again_only_when_what_it_reads_changes(luigi_config, monkeypatch):
+    luigi_config.set("load", "batch_mb", "4")
+    first = config.load()
+    assert first.batch_mb == 4
+    assert config.load() is first  # unchanged configuration: the same object, not resolved again
+
+    luigi_config.set("load", "batch_mb", "6")
+    assert config.load().batch_mb == 6
+
+    monkeypatch.setenv("VISITAS_TEST_BATCH", "9")
+    luigi_config.set("load", "batch_mb", "${VISITAS_TEST_BATCH}")
+    assert config.load().batch_mb == 9
+    monkeypatch.setenv("VISITAS_TEST_BATCH", "11")  # the same text, another value behind it
+    assert config.load().batch_mb == 11
+
+    luigi_config.remove_section("load")
+    assert config.load().batch_mb == 8  # the default again
+
+
+def test_a_section_follows_the_command_line_luigi_runs(luigi_config):
+    luigi_config.set("load", "batch_mb", "4")
+    assert config.load().batch_mb == 4
+    with CmdlineParser.global_instance(["--load-batch-mb", "12", "PrepareRun"]):
+        assert config.load().batch_mb == 12
+    assert config.load().batch_mb == 4
