@@ -7,7 +7,6 @@ section names, as Luigi requires.
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 import socket
@@ -60,8 +59,8 @@ class Section(Register):
         if args or kwargs:
             return super().__call__(*args, **kwargs)
         parser, name = luigi.configuration.get_config(), cls.get_task_family()
-        if not isinstance(parser, configparser.ConfigParser):  # Luigi's TOML parser: no raw text
-            return super().__call__()
+        if not isinstance(parser, luigi.configuration.LuigiConfigParser):
+            return super().__call__()  # Luigi's TOML parser: no raw text to fingerprint
         raw = tuple(parser.items(name, raw=True)) if parser.has_section(name) else ()
         names = {var for _, value in raw for var in _ENV_REFERENCE.findall(value or "")}
         fingerprint = (raw, tuple(sorted((var, os.environ.get(var)) for var in names)),

@@ -1,4 +1,5 @@
-"""Configuration classes: their parameters, listed once per class."""
+"""Configuration classes: their parameters, listed once per class; a section resolved again only
+when what it reads changes."""
 
 import luigi
 from luigi.cmdline_parser import CmdlineParser
@@ -59,3 +60,12 @@ def test_a_section_follows_the_command_line_luigi_runs(luigi_config):
     with CmdlineParser.global_instance(["--load-batch-mb", "12", "PrepareRun"]):
         assert config.load().batch_mb == 12
     assert config.load().batch_mb == 4
+
+
+def test_under_luigis_toml_parser_a_section_is_resolved_each_time(monkeypatch):
+    toml = luigi.configuration.LuigiTomlParser()
+    toml.data = {"load": {"batch_mb": 5}}
+    monkeypatch.setattr(luigi.configuration, "get_config", lambda parser=None: toml)
+    assert config.load().batch_mb == 5
+    toml.data = {"load": {"batch_mb": 7}}  # no raw text tells this change: resolved again
+    assert config.load().batch_mb == 7
