@@ -34,16 +34,19 @@ def _escape_copy(value: pl.Expr) -> pl.Expr:
     )
 
 
+def _quoted_element(value: pl.Expr) -> pl.Expr:
+    """A text value as an array element: in double quotes, backslash and double quote escaped."""
+    escaped = (value.str.replace_all("\\", "\\\\", literal=True)
+               .str.replace_all('"', '\\"', literal=True))
+    return pl.concat_str(pl.lit('"'), escaped, pl.lit('"'))
+
+
 def _array_literal(values: pl.Expr, plain: bool) -> pl.Expr:
     """A list of strings -> a text[] literal: {"a","b"} (``{}`` when empty)."""
     if plain:  # no element holds a quote, a backslash or a control character
         joined = pl.concat_str(pl.lit('{"'), values.list.join('","'), pl.lit('"}'))
     else:
-        element = (
-            pl.element().str.replace_all("\\", "\\\\", literal=True)
-            .str.replace_all('"', '\\"', literal=True)
-        )
-        quoted = values.list.eval(pl.concat_str(pl.lit('"'), element, pl.lit('"')))
+        quoted = values.list.eval(_quoted_element(pl.element()))
         joined = _escape_copy(pl.concat_str(pl.lit("{"), quoted.list.join(","), pl.lit("}")))
     return pl.when(values.list.len() == 0).then(pl.lit("{}")).otherwise(joined)
 
@@ -97,8 +100,7 @@ def array_literals(frame: pl.DataFrame) -> tuple[str, ...]:
     def element(name: str, dtype: pl.DataType) -> pl.Expr:
         column = pl.col(name)
         if dtype == pl.String:
-            column = pl.concat_str(pl.lit('"'), column.str.replace_all("\\", "\\\\", literal=True)
-                                   .str.replace_all('"', '\\"', literal=True), pl.lit('"'))
+            column = _quoted_element(column)
         elif dtype.is_integer() or dtype == pl.Date:
             column = column.cast(pl.String)
         else:
