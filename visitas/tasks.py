@@ -112,12 +112,14 @@ class FileTask(VisitasTask):
                                                    if path.exists() else None)
         return verdict
 
-    def part_of(self, task_class: type[FileTask]) -> FileTask:
-        """Another step of the same file, date and host (made once per step: Luigi asks for a
-        step's requirements many times, and each new task resolves its parameters again)."""
+    def part_of(self, task_class: type[VisitasTask]) -> VisitasTask:
+        """Another step of the same file (or of the run date, such as PrepareRun), date and host
+        (made once per step: Luigi asks for a step's requirements many times, and each new task
+        resolves its parameters again)."""
         parts = self.__dict__.setdefault("_parts", {})
         if task_class not in parts:
-            parts[task_class] = task_class(date=self.date, host=self.host, file_name=self.file_name)
+            per_file = {"file_name": self.file_name} if issubclass(task_class, FileTask) else {}
+            parts[task_class] = task_class(date=self.date, host=self.host, **per_file)
         return parts[task_class]
 
 
@@ -225,11 +227,8 @@ class LoadPostgres(FileTask):
     """One transaction per file: rows, errors, visitors and the load_log row (the marker)."""
 
     def requires(self):
-        run = self.__dict__.get("_run")
-        if run is None:  # made once, as part_of does for the file's own steps
-            run = self.__dict__["_run"] = PrepareRun(date=self.date, host=self.host)
         return {"download": self.part_of(DownloadReport), "checked": self.part_of(ValidateReport),
-                "split": self.part_of(SplitVisitorStats), "run": run}
+                "split": self.part_of(SplitVisitorStats), "run": self.part_of(PrepareRun)}
 
     def output(self):
         verdict = self.verdict()
