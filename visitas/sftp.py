@@ -39,6 +39,22 @@ READ_MAX = 256 * 1024 - 1024
 # that holds it.  Data in flight stays bounded by FETCH_WINDOW's requests.
 SSH_WINDOW = 64 * 1024 * 1024
 SSH_PACKET = 256 * 1024 + 1024
+# AES-GCM first, when the server offers it: one pass over each packet (AES-NI and carry-less
+# multiply) where paramiko's first choice, AES-CTR, needs HMAC-SHA2-256 as a second one.  Measured,
+# 244 MiB from OpenSSH 9.2 on loopback, four runs each, alternating: 0.88-0.94 s with aes128-ctr,
+# 0.59-0.64 s with aes128-gcm@openssh.com, paramiko's CPU falling alike.  A server without it
+# gets paramiko's own order.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _transport(sock: socket.socket, **kwargs) -> paramiko.Transport:
+    """paramiko's transport, with PREFERRED_CIPHERS ahead of its own order."""
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    offered = tuple(options.ciphers)
+    options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in offered) + tuple(
+        c for c in offered if c not in PREFERRED_CIPHERS)
+    return transport
 
 
 def _fetch(sftp: paramiko.SFTPClient, remote: str, local: Path, size: int,
@@ -134,7 +150,7 @@ class SftpSource:
                 self.host, port=self.port, username=self.username,
                 password=self._password or None, pkey=pkey, timeout=self.timeout,
                 banner_timeout=self.timeout, auth_timeout=self.timeout, channel_timeout=self.timeout,
-                allow_agent=False, look_for_keys=False, sock=sock)
+                allow_agent=False, look_for_keys=False, sock=sock, transport_factory=_transport)
         except (paramiko.SSHException, OSError) as error:
             client.close()
             if "not found in known_hosts" in str(error):
@@ -148,8 +164,8 @@ class SftpSource:
         self._read_size = server_read_size(sftp)
         sftp.get_channel().settimeout(self.timeout)
         self._client, self._sftp = client, sftp
-        log.info("connected to SFTP %s@%s:%d (reads of %d bytes)", self.username, self.host, self.port,
-                 self._read_size)
+        log.info("connected to SFTP %s@%s:%d (%s, reads of %d bytes)", self.username, self.host,
+                 self.port, client.get_transport().remote_cipher, self._read_size)
         return sftp
 
     @property

@@ -259,11 +259,12 @@ class SftpServer:
     """The embedded SFTP server, in a child process so it can be stopped, killed or restarted."""
 
     def __init__(self, root: Path, keys: SshKeys, username: str = "vinkos", password: str = "",
-                 port: int | None = None, drop_after_bytes: int = 0):
+                 port: int | None = None, drop_after_bytes: int = 0, ciphers: tuple[str, ...] = ()):
         self.root, self.keys, self.username = Path(root), keys, username
         self.password = password
         self.port = port or free_port()
         self.drop_after_bytes = drop_after_bytes
+        self.ciphers = ciphers  # the only ciphers it offers (empty: asyncssh's own list)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> SftpServer:
@@ -273,7 +274,7 @@ class SftpServer:
             [sys.executable, "-m", "visitas.dev.servers", "sftp", "--root", str(self.root),
              "--port", str(self.port), "--host-key", str(self.keys.host_key),
              "--authorized-keys", str(self.keys.authorized_keys), "--username", self.username,
-             "--drop-after-bytes", str(self.drop_after_bytes)],
+             "--drop-after-bytes", str(self.drop_after_bytes), "--ciphers", ",".join(self.ciphers)],
             env=env, stdin=subprocess.DEVNULL)
         wait_for_port(self.port)
         return self
@@ -319,7 +320,8 @@ async def _serve_sftp(args: argparse.Namespace) -> None:
 
     await asyncssh.create_server(
         Server, "127.0.0.1", args.port, server_host_keys=[args.host_key],
-        authorized_client_keys=args.authorized_keys, sftp_factory=Sftp, allow_scp=False)
+        authorized_client_keys=args.authorized_keys, sftp_factory=Sftp, allow_scp=False,
+        encryption_algs=args.ciphers.split(",") if args.ciphers else ())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -415,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--authorized-keys", required=True)
     serve.add_argument("--username", default="vinkos")
     serve.add_argument("--drop-after-bytes", type=int, default=0)
+    serve.add_argument("--ciphers", default="", help="comma-separated; empty: asyncssh's own list")
     args = parser.parse_args(argv)
     asyncio.run(_serve_sftp(args))
     return 0
