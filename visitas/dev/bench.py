@@ -13,6 +13,10 @@ In one run, on throwaway servers on localhost (PostgreSQL with fsync on, the emb
    the peak RSS of its process tree sampled every 50 ms;
 4. prints rows, floor and pipeline seconds, their ratio, per-stage seconds, the peak RSS, and the
    row counts in ``statistics``, ``errors`` and ``visitor`` checked against what was planted;
+   steps 2-4 are done ``--repeat`` times (3 when the floor is measured), each floor right before
+   its pipeline, and the ratio of the run is the median of the pairs' ratios: on a shared machine
+   the same step varies by a fifth from one minute to the next (the pipeline's load took 10.4 to
+   13.4 s in three consecutive runs), and a pair measured back to back shares the machine's phase;
 5. with ``--many-files N``: N files of ``--many-rows`` rows (1,000) in one run with ``--workers 1``,
    again with ``--workers 2``, and again as two hosts at once under one luigid (each with its
    own folders and ``[cluster] host``; on this one machine, so they share its cores).
@@ -28,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -316,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--many-rows", type=int, default=1000, help="rows of each of the many files")
     parser.add_argument("--dir", type=Path, default=Path(".bench"))
     parser.add_argument("--skip-floor", action="store_true")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="floor and pipeline this many times, each pair back to back; the ratio"
+                             " is the median of the pairs' (default: 3, or 1 with --skip-floor)")
     args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 1 if args.skip_floor else 3
 
     base = args.dir.resolve()
     generated = base / "generated"
@@ -358,27 +368,37 @@ def main(argv: list[str] | None = None) -> int:
 def _measure(bench: Bench, args: argparse.Namespace, report: Path, twin: Path | None,
              many: Path | None, expected: dict) -> bool:
     """One mode: the floor, the pipeline on the report, the many files; prints the figures."""
+    ok, ratios, peaks = True, [], []
+    for run in range(1, args.repeat + 1):
+        tag = f"[{bench.label}]" + (f" run {run}/{args.repeat}" if args.repeat > 1 else "")
+        floor = None
+        if twin is not None:
+            shutil.copyfile(twin, bench.remote / twin.name)
+            floor = bench.floor(twin)
+            (bench.remote / twin.name).unlink()
+            tools = ("sftp get, psql \\copy, zip -6" if bench.stock
+                     else "paramiko get, COPY, zipfile")
+            print(f"{tag} floor ({tools}): {floor['total']:7.2f}s  (download {floor['download']:.2f}s,"
+                  f" COPY raw {floor['copy']:.2f}s, zip {floor['zip']:.2f}s)")
+        shutil.copyfile(report, bench.remote / report.name)
+        result = bench.pipeline("bench", args.workers)
+        print(f"{tag} pipeline: {result['seconds']:7.2f}s  with --workers {args.workers}")
+        if floor:
+            ratios.append(result["seconds"] / floor["total"])
+            print(f"{tag} ratio pipeline/floor: {ratios[-1]:.2f}")
+        print(f"{tag} per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["stages"].items()))
+        print(f"{tag} peak RSS of the pipeline's process tree: {result['peak_rss_mb']:.0f} MiB")
+        peaks.append(result["peak_rss_mb"])
+        counts = bench.counts("bench")
+        ok &= counts == expected
+        verdict = "as planted" if counts == expected else "EXPECTED " + json.dumps(expected)
+        print(f"{tag} counts: {json.dumps(counts)} — {verdict}")
     tag = f"[{bench.label}]"
-    floor = None
-    if twin is not None:
-        shutil.copyfile(twin, bench.remote / twin.name)
-        floor = bench.floor(twin)
-        (bench.remote / twin.name).unlink()
-        tools = ("sftp get, psql \\copy, zip -6" if bench.stock
-                 else "paramiko get, COPY, zipfile")
-        print(f"{tag} floor ({tools}): {floor['total']:7.2f}s  (download {floor['download']:.2f}s,"
-              f" COPY raw {floor['copy']:.2f}s, zip {floor['zip']:.2f}s)")
-    shutil.copyfile(report, bench.remote / report.name)
-    result = bench.pipeline("bench", args.workers)
-    print(f"{tag} pipeline: {result['seconds']:7.2f}s  with --workers {args.workers}")
-    if floor:
-        print(f"{tag} ratio pipeline/floor: {result['seconds'] / floor['total']:.2f}")
-    print(f"{tag} per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["stages"].items()))
-    print(f"{tag} peak RSS of the pipeline's process tree: {result['peak_rss_mb']:.0f} MiB")
-    counts = bench.counts("bench")
-    ok = counts == expected
-    verdict = "as planted" if ok else "EXPECTED " + json.dumps(expected)
-    print(f"{tag} counts: {json.dumps(counts)} — {verdict}")
+    if len(ratios) > 1:
+        print(f"{tag} ratio pipeline/floor, median of {len(ratios)} pairs: "
+              f"{statistics.median(ratios):.2f} (" + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+    if len(peaks) > 1:
+        print(f"{tag} peak RSS, largest of {len(peaks)} runs: {max(peaks):.0f} MiB")
     if many is None:
         return ok
     modes = [("--workers 1", 1, 1), ("--workers 2", 2, 1), ("2 hosts, one luigid", 1, 2)]
