@@ -45,36 +45,40 @@ STAGE_CHUNK = 200_000
 SMALL_STAGE = 10_000
 
 
-# The merge rule of visitas.visitors, applied to the stored row (v) and the file's summary (s):
-# the result is the summary of all visits whatever the order of loads.  Merges are serialised
-# (LOCK_VISITORS), so known visitors are updated and new ones inserted in two set-wise statements
-# (a plain INSERT costs half an ON CONFLICT one).  Keys sorted: rows go in in index order.
-VISITOR_UPDATE = """
-UPDATE {schema}.visitor AS v SET
-    fecha_primera_visita = least(v.fecha_primera_visita, s.fecha_primera_visita),
-    fecha_ultima_visita = greatest(v.fecha_ultima_visita, s.fecha_ultima_visita),
-    visitas_totales = v.visitas_totales + s.visitas_totales,
+# The merge rule of visitas.visitors, applied to the stored row (v) and the file's summary
+# ({src}): the result is the summary of all visits whatever the order of loads.  One text, two
+# statements: a stage table's summaries are merged by UPDATE ... FROM, a few summaries by
+# INSERT ... ON CONFLICT DO UPDATE (where {src} is "excluded").
+VISITOR_ASSIGNMENTS = """
+    fecha_primera_visita = least(v.fecha_primera_visita, {src}.fecha_primera_visita),
+    fecha_ultima_visita = greatest(v.fecha_ultima_visita, {src}.fecha_ultima_visita),
+    visitas_totales = v.visitas_totales + {src}.visitas_totales,
     visitas_anio_actual = CASE
-        WHEN date_trunc('year', v.fecha_ultima_visita) = date_trunc('year', s.fecha_ultima_visita)
-            THEN v.visitas_anio_actual + s.visitas_anio_actual
-        WHEN v.fecha_ultima_visita > s.fecha_ultima_visita THEN v.visitas_anio_actual
-        ELSE s.visitas_anio_actual END,
+        WHEN date_trunc('year', v.fecha_ultima_visita) = date_trunc('year', {src}.fecha_ultima_visita)
+            THEN v.visitas_anio_actual + {src}.visitas_anio_actual
+        WHEN v.fecha_ultima_visita > {src}.fecha_ultima_visita THEN v.visitas_anio_actual
+        ELSE {src}.visitas_anio_actual END,
     visitas_mes_actual = CASE
-        WHEN date_trunc('month', v.fecha_ultima_visita) = date_trunc('month', s.fecha_ultima_visita)
-            THEN v.visitas_mes_actual + s.visitas_mes_actual
-        WHEN v.fecha_ultima_visita > s.fecha_ultima_visita THEN v.visitas_mes_actual
-        ELSE s.visitas_mes_actual END,
-    opens_totales = v.opens_totales + s.opens_totales,
-    clicks_totales = v.clicks_totales + s.clicks_totales,
-    visitas_abiertas = v.visitas_abiertas + s.visitas_abiertas,
-    visitas_clicadas = v.visitas_clicadas + s.visitas_clicadas,
+        WHEN date_trunc('month', v.fecha_ultima_visita) = date_trunc('month', {src}.fecha_ultima_visita)
+            THEN v.visitas_mes_actual + {src}.visitas_mes_actual
+        WHEN v.fecha_ultima_visita > {src}.fecha_ultima_visita THEN v.visitas_mes_actual
+        ELSE {src}.visitas_mes_actual END,
+    opens_totales = v.opens_totales + {src}.opens_totales,
+    clicks_totales = v.clicks_totales + {src}.clicks_totales,
+    visitas_abiertas = v.visitas_abiertas + {src}.visitas_abiertas,
+    visitas_clicadas = v.visitas_clicadas + {src}.visitas_clicadas,
     -- greatest() skips nulls; a row from before the engagement counters (null: unknown, see
     -- migration 0005) stays unknown until it is rebuilt.
     fecha_ultimo_open = CASE WHEN v.visitas_abiertas IS NOT NULL
-        THEN greatest(v.fecha_ultimo_open, s.fecha_ultimo_open) END,
+        THEN greatest(v.fecha_ultimo_open, {src}.fecha_ultimo_open) END,
     fecha_ultimo_click = CASE WHEN v.visitas_clicadas IS NOT NULL
-        THEN greatest(v.fecha_ultimo_click, s.fecha_ultimo_click) END,
-    updated_at = now()
+        THEN greatest(v.fecha_ultimo_click, {src}.fecha_ultimo_click) END,
+    updated_at = now()"""
+# Staged summaries: merges are serialised (LOCK_VISITORS), so known visitors are updated and new
+# ones inserted in two set-wise statements (a plain INSERT costs half an ON CONFLICT one: 300k new
+# visitors).  Keys sorted: rows go in in index order.
+VISITOR_UPDATE = """
+UPDATE {schema}.visitor AS v SET {assignments}
 FROM {stage} AS s
 WHERE v.email = s.email
 """
@@ -85,21 +89,21 @@ WHERE NOT EXISTS (SELECT 1 FROM {schema}.visitor AS v WHERE v.email = s.email)
 ORDER BY email
 """
 # A few summaries are sent as one array per column and merged by one statement, with no stage
-# table.  The UPDATE returns the visitors it found; the others are inserted (merges are
-# serialised, so no other load adds one meanwhile).  Measured with 1,000 summaries against 50k
+# table, each looked up by visitor's primary key.  Measured with 1,000 summaries against 50k
 # visitors (stock PostgreSQL 15): the COPY into a stage table cost 4.3 ms of server time, more
-# than the UPDATE and INSERT without it; the INSERT looking each summary up in the table again
-# (as the staged path does) cost 2.6 ms more than looking it up among those updated.  The arrays
-# are array literals laid out by Polars (copy_format.array_literals): unnested, 990 summaries
-# took the server 2.0 ms against 5.3 ms for the same rows as a JSON document through
-# json_to_recordset, for 0.6 ms more of Polars; passed as Python lists, psycopg spent 6 ms
-# adapting their values.
+# than the merge without it.  ON CONFLICT instead of an UPDATE returning the visitors it found and
+# an INSERT of the others (49k visitors, 990 summaries, 30 alternating runs each): 20.1 -> 18.3 ms
+# per merge with 960 of them known, no difference with half, 15.1 -> 16.1 ms with none (a daily
+# file's visitors are mostly known ones); and no join for the planner to choose (it hashed the
+# whole table per file until the lookups were forced).  The arrays are array literals laid out by Polars
+# (copy_format.array_literals): unnested, 990 summaries took the server 2.0 ms against 5.3 ms for
+# the same rows as a JSON document through json_to_recordset, for 0.6 ms more of Polars; passed as
+# Python lists, psycopg spent 6 ms adapting their values.
 VISITOR_MERGE_FEW = """
-WITH s AS MATERIALIZED (SELECT * FROM unnest({arrays}) AS u ({columns})),
-updated AS ({update} RETURNING v.email)
-INSERT INTO {schema}.visitor ({columns})
-SELECT {columns} FROM s WHERE s.email NOT IN (SELECT email FROM updated)
+INSERT INTO {schema}.visitor AS v ({columns})
+SELECT {columns} FROM unnest({arrays}) AS s ({columns})
 ORDER BY email
+ON CONFLICT (email) DO UPDATE SET {assignments}
 """
 
 
@@ -340,24 +344,21 @@ class Loader:
     def merge_few(self, conn: psycopg.Connection, summaries: pl.DataFrame) -> None:
         """Merge a few summaries (fewer than SMALL_STAGE) in one statement (call under the
         merge lock)."""
-        # A few visitors are looked up in visitor's primary key.  Left to itself, PostgreSQL's
-        # default costs chose to hash the whole visitor table for each file (measured, 1,000
-        # visitors against 49k: 37 + 13 ms, against 7 + 2 ms by the index), a cost that grows
-        # with the table, not the file.  (Until the commit: only the marker row follows.)
-        conn.execute("SELECT set_config('enable_hashjoin', 'off', true),"
-                     " set_config('enable_mergejoin', 'off', true)")
-        stage = sql.Identifier("s")
         conn.execute(self._merge_sql(
-            VISITOR_MERGE_FEW, stage, arrays=sql.SQL(", ").join(
-                sql.SQL(f"%s::{_SQL_TYPES[dtype]}[]") for dtype in visitors.SUMMARY_SCHEMA.values()),
-            update=self._merge_sql(VISITOR_UPDATE.strip(), stage)),
+            VISITOR_MERGE_FEW, summary=sql.SQL("excluded"), arrays=sql.SQL(", ").join(
+                sql.SQL(f"%s::{_SQL_TYPES[dtype]}[]") for dtype in visitors.SUMMARY_SCHEMA.values())),
             array_literals(summaries.select(VISITOR_COLUMNS)))
 
-    def _merge_sql(self, template: str, stage: sql.Identifier, **parts: sql.Composable
+    def _merge_sql(self, template: str, stage: sql.Composable | None = None,
+                   summary: sql.Composable | None = None, **parts: sql.Composable
                    ) -> sql.Composed:
+        """A merge statement; its ``{assignments}`` (the rule) read the summary as ``summary``
+        (the stage's alias ``s`` unless told)."""
         return sql.SQL(template).format(
-            schema=sql.Identifier(self.db.schema), stage=stage,
-            columns=sql.SQL(", ").join(map(sql.Identifier, VISITOR_COLUMNS)), **parts)
+            schema=sql.Identifier(self.db.schema), stage=stage or sql.SQL(""),
+            columns=sql.SQL(", ").join(map(sql.Identifier, VISITOR_COLUMNS)),
+            assignments=sql.SQL(VISITOR_ASSIGNMENTS).format(src=summary or sql.Identifier("s")),
+            **parts)
 
     # ------------------------------------------------------------------ archive bookkeeping
 

@@ -14,7 +14,7 @@ the year (month) count is the sum when both latest visits fall in the same year 
 the count of the side with the later visit, because every visit of the other side is in an
 earlier year (month).  The merge is associative and commutative, so loading files in any order,
 one at a time or concurrently, gives exactly the counters of all visits at once.  The database
-applies the same merge in SQL (``visitas.db.loader.VISITOR_UPDATE``).
+applies the same merge in SQL (``visitas.db.loader.VISITOR_ASSIGNMENTS``).
 
 Engagement counters, merged the same way (sums add, latest dates are the max):
 
