@@ -165,13 +165,19 @@ class SftpSource:
         sftp.get_channel().settimeout(self.timeout)
         self._client, self._sftp = client, sftp
         log.info("connected to SFTP %s@%s:%d (%s, reads of %d bytes)", self.username, self.host,
-                 self.port, client.get_transport().remote_cipher, self._read_size)
+                 self.port, self.cipher, self._read_size)
         return sftp
 
     @property
     def read_size(self) -> int:
         """The read request size used with the server (known once connected)."""
         return self._read_size
+
+    @property
+    def cipher(self) -> str:
+        """The cipher agreed with the server for what it sends ("" until connected)."""
+        transport = self._client.get_transport() if self._client else None
+        return transport.remote_cipher if transport else ""
 
     def _session(self) -> paramiko.SFTPClient:
         transport = self._client.get_transport() if self._client else None

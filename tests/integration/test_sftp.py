@@ -29,7 +29,7 @@ def test_a_download_of_several_windows_in_large_reads_is_byte_for_byte(make_env,
         # Both servers state their limit: reads are OpenSSH's largest, not paramiko's 32 KiB.
         assert source.read_size == sftp.READ_MAX
         # Both offer AES-GCM (paramiko alone would take AES-CTR with HMAC-SHA2-256).
-        assert source._client.get_transport().remote_cipher == "aes128-gcm@openssh.com"
+        assert source.cipher == "aes128-gcm@openssh.com"
     finally:
         source.close()
     assert remote.size == len(data)
@@ -49,7 +49,7 @@ def test_a_server_without_aes_gcm_gets_paramikos_own_choice(ssh_keys, tmp_path):
                                  remote_dir="/" + REMOTE_DIR)
         try:
             source.download("report_1.txt", tmp_path / "got.txt")
-            assert source._client.get_transport().remote_cipher == "aes256-ctr"
+            assert source.cipher == "aes256-ctr"
         finally:
             source.close()
     finally:

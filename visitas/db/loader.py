@@ -95,10 +95,10 @@ ORDER BY email
 # an INSERT of the others (49k visitors, 990 summaries, 30 alternating runs each): 20.1 -> 18.3 ms
 # per merge with 960 of them known, no difference with half, 15.1 -> 16.1 ms with none (a daily
 # file's visitors are mostly known ones); and no join for the planner to choose (it hashed the
-# whole table per file until the lookups were forced).  The arrays are array literals laid out by Polars
-# (copy_format.array_literals): unnested, 990 summaries took the server 2.0 ms against 5.3 ms for
-# the same rows as a JSON document through json_to_recordset, for 0.6 ms more of Polars; passed as
-# Python lists, psycopg spent 6 ms adapting their values.
+# whole table per file until the lookups were forced).  The arrays are array literals laid out by
+# Polars (copy_format.array_literals): unnested, 990 summaries took the server 2.0 ms against
+# 5.3 ms for the same rows as a JSON document through json_to_recordset, for 0.6 ms more of
+# Polars; passed as Python lists, psycopg spent 6 ms adapting their values.
 VISITOR_MERGE_FEW = """
 INSERT INTO {schema}.visitor AS v ({columns})
 SELECT {columns} FROM unnest({arrays}) AS s ({columns})

@@ -15,8 +15,9 @@ In one run, on throwaway servers on localhost (PostgreSQL with fsync on, the emb
    row counts in ``statistics``, ``errors`` and ``visitor`` checked against what was planted;
    steps 2-4 are done ``--repeat`` times (3 when the floor is measured), each floor right before
    its pipeline, and the ratio of the run is the median of the pairs' ratios: on a shared machine
-   the same step varies by a fifth from one minute to the next (the pipeline's load took 10.4 to
-   13.4 s in three consecutive runs), and a pair measured back to back shares the machine's phase;
+   the same step varies by a fifth from one minute to the next (the pipeline's load took 14.1,
+   10.4 and 12.4 s in three consecutive runs), and a pair measured back to back shares the
+   machine's phase;
 5. with ``--many-files N``: N files of ``--many-rows`` rows (1,000) in one run with ``--workers 1``,
    again with ``--workers 2``, and again as two hosts at once under one luigid (each with its
    own folders and ``[cluster] host``; on this one machine, so they share its cores).
