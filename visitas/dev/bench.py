@@ -391,8 +391,9 @@ def _measure(bench: Bench, args: argparse.Namespace, report: Path, twin: Path | 
         print(f"{tag} peak RSS of the pipeline's process tree: {result['peak_rss_mb']:.0f} MiB")
         peaks.append(result["peak_rss_mb"])
         counts = bench.counts("bench")
-        ok &= counts == expected
-        verdict = "as planted" if counts == expected else "EXPECTED " + json.dumps(expected)
+        planted = counts == expected
+        ok &= planted
+        verdict = "as planted" if planted else "EXPECTED " + json.dumps(expected)
         print(f"{tag} counts: {json.dumps(counts)} — {verdict}")
     tag = f"[{bench.label}]"
     if len(ratios) > 1:
