@@ -18,7 +18,7 @@ import paramiko
 
 from visitas.paths import SAFE_NAME, check_safe
 from visitas.runtime import logsetup, retrying
-from visitas.runtime.runinfo import per_process
+from visitas.runtime.runinfo import per_thread
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-@per_process
+@per_thread
 def source() -> SftpSource:
-    """This process's connection to the SFTP server."""
+    """This thread's connection to the SFTP server."""
     return SftpSource.from_config()

@@ -2,7 +2,8 @@
 log and its Luigi targets (:mod:`.loadlog`), one file's load (:mod:`.loader`) and the COPY text
 format (:mod:`.copy_format`).
 
-Each process has its own handles (a connection does not survive Luigi's fork of a worker).
+Each thread has its own handles: an execution slot's steps use one connection, and a
+connection does not survive Luigi's fork of a step's process.
 """
 
 from visitas.db.claims import Claims, Renewals
@@ -10,15 +11,15 @@ from visitas.db.connection import Database
 from visitas.db.loader import Loader
 from visitas.db.loadlog import LoadLog, LoadLogTarget, RunLogTarget
 from visitas.db.locks import LOCK_FILE, LOCK_RUN, LOCK_SCHEMA, LOCK_VISITORS
-from visitas.runtime.runinfo import per_process
+from visitas.runtime.runinfo import per_thread
 
 __all__ = ["Claims", "LOCK_FILE", "LOCK_RUN", "LOCK_SCHEMA", "LOCK_VISITORS", "Database", "LoadLog",
            "LoadLogTarget", "Loader", "Renewals", "RunLogTarget", "database", "load_log", "loader"]
 
 
-@per_process
+@per_thread
 def database() -> Database:
-    """This process's database handle."""
+    """This thread's database handle."""
     return Database.from_config()
 
 

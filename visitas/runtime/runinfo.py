@@ -1,8 +1,10 @@
-"""The identity of this run (one `luigi` invocation), shared with forked worker processes."""
+"""The identity of this run (one `luigi` invocation), shared with forked worker processes, and
+handles kept per thread."""
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,17 +19,21 @@ def run_id() -> str:
     return os.environ.setdefault(_ENV, uuid.uuid4().hex[:12])
 
 
-def per_process(factory: Callable[[], T]) -> Callable[[], T]:
-    """Memoise ``factory()`` for this process only: a connection made before Luigi forks a
-    worker must not be used by the child (sockets and paramiko's thread do not cross a fork)."""
-    made: dict[int, T] = {}
+def per_thread(factory: Callable[[], T]) -> Callable[[], T]:
+    """Memoise ``factory()`` per thread of this process.  Each execution slot of a worker (a thread,
+    ``visitas run --workers N``) has its own connection, as a connection serves one step at a
+    time; and a connection made before Luigi forks a step's process (a step with a timeout) is
+    not used by the child (sockets and paramiko's thread do not cross a fork)."""
+    made: dict[tuple[int, int], T] = {}
 
     def get() -> T:
-        pid = os.getpid()
-        if pid not in made:
-            made.clear()
-            made[pid] = factory()
-        return made[pid]
+        key = (os.getpid(), threading.get_ident())
+        handle = made.get(key)
+        if handle is None:
+            if any(pid != key[0] for pid, _ in made):
+                made.clear()  # a forked child: the parent's handles are not its own
+            handle = made[key] = factory()
+        return handle
 
     get.__doc__ = factory.__doc__
     return get

@@ -10,6 +10,7 @@ import luigi
 import luigi.execution_summary
 import luigi.interface
 import luigi.scheduler
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from luigi.scheduler import DISABLED, DONE, FAILED, PENDING
@@ -203,9 +204,13 @@ def _steps(root: str) -> list[luigi.Task]:
         "here", "first", "in_a_child", "yields", "broken", "broken_child", "after_broken")]
 
 
-def test_the_worker_gets_every_result_of_tasks_run_here_or_in_a_child(luigi_config, tmp_path):
-    """``visitas run``'s worker takes results of tasks it ran itself from a list, those of
-    child processes from Luigi's queue: the same outcome as Luigi's own worker."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_worker_gets_every_result_of_tasks_run_here_or_in_a_child(luigi_config, tmp_path,
+                                                                       workers):
+    """``visitas run``'s worker takes results of tasks it ran itself (inline with one worker, in
+    its threads with two) from a list, those of child processes from Luigi's queue: the same
+    outcome as Luigi's own worker.  A step with a timeout runs in a child either way; with two
+    workers Luigi runs every step in a child, ``visitas run`` none of the others."""
     luigi_config.set("worker", "no_install_shutdown_handler", "true")  # run from a thread
     outcomes = {}
     for label, factory in (("luigi", luigi.interface._WorkerSchedulerFactory()),
@@ -215,7 +220,7 @@ def test_the_worker_gets_every_result_of_tasks_run_here_or_in_a_child(luigi_conf
         results = []
         build = threading.Thread(target=lambda: results.append(luigi.build(
             _steps(str(root)), worker_scheduler_factory=factory, detailed_summary=True,
-            local_scheduler=True, workers=1)), daemon=True)
+            local_scheduler=True, workers=workers)), daemon=True)
         build.start()
         build.join(120)  # a result that never arrives leaves the worker waiting for good
         assert results, f"{label}: the worker still waits for a task's result"
@@ -223,10 +228,49 @@ def test_the_worker_gets_every_result_of_tasks_run_here_or_in_a_child(luigi_conf
         outcomes[label] = {status: sorted(task.name for task in tasks)
                            for status, tasks in summary.items() if tasks}
         pids = {path.name: int(path.read_text()) for path in root.iterdir()}
-        assert pids["here"] == pids["first"] == os.getpid()
+        here = sorted(name for name, pid in pids.items() if pid == os.getpid())
+        assert here == ([] if label == "luigi" and workers > 1 else ["first", "here", "yields"])
         assert pids["in_a_child"] != os.getpid() and pids["yielded_to_a_child"] != os.getpid()
     assert outcomes["ours"] == outcomes["luigi"]
     assert outcomes["ours"]["completed"] == ["first", "here", "in_a_child", "yielded_to_a_child",
                                              "yields"]
     assert outcomes["ours"]["failed"] == ["broken", "broken_child"]
     assert outcomes["ours"]["upstream_failure"] == ["after_broken"]
+
+
+_MEETING = threading.Barrier(2)
+
+
+class _Meets(luigi.Task):
+    """Runs until the other ``_Meets`` runs too (or 60 s pass: then it fails), and writes the
+    thread and process it ran in."""
+
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, self.name))
+
+    def run(self):
+        _MEETING.wait(60)
+        with self.output().open("w") as out:
+            out.write(f"{os.getpid()} {threading.current_thread().name}")
+
+
+def test_two_workers_run_two_steps_at_once_in_threads_of_this_process(luigi_config, tmp_path):
+    luigi_config.set("worker", "no_install_shutdown_handler", "true")
+    _MEETING.reset()
+    results = []
+    build = threading.Thread(target=lambda: results.append(luigi.build(
+        [_Meets(root=str(tmp_path), name=name) for name in ("a", "b")],
+        worker_scheduler_factory=runner._SchedulerFactory(), detailed_summary=True,
+        local_scheduler=True, workers=2)), daemon=True)
+    build.start()
+    build.join(120)
+    assert results and results[0].scheduling_succeeded
+    summary = luigi.execution_summary._summary_dict(results[0].worker)
+    assert sorted(task.name for task in summary["completed"]) == ["a", "b"]
+    ran = [tmp_path.joinpath(name).read_text().split() for name in ("a", "b")]
+    assert {int(pid) for pid, _ in ran} == {os.getpid()}
+    assert all(thread.startswith("slot") for _, thread in ran)
+    assert ran[0][1] != ran[1][1]
