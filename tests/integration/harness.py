@@ -35,6 +35,11 @@ first_delay = 0.2
 max_delay = 1
 """
 LUIGI = str(Path(sys.executable).with_name("luigi"))
+VISITAS = str(Path(sys.executable).with_name("visitas"))
+# The two ways a run starts: Luigi's own command (a process per step with several workers), and
+# the operator's `visitas run` (steps in threads of one process with several workers).
+RUN_COMMANDS = {"luigi": [LUIGI, "--module", "visitas", "RunAll", "--local-scheduler"],
+                "visitas run": [VISITAS, "run"]}
 
 
 class Env:
@@ -80,18 +85,29 @@ class Env:
         return run_measured([LUIGI, "--module", "visitas", task, *scheduler, *args],
                             cwd=self.tmp, env=environment, timeout=timeout)
 
-    def popen(self, *args: str, env: dict | None = None,
-              scheduler_port: int | None = None) -> "Running":
-        """Start the command in the background; its output goes to a file (never a full pipe)."""
+    def run(self, command: str, *args: str, timeout: float = 300) -> Finished:
+        """A run with a local scheduler by one of :data:`RUN_COMMANDS`."""
+        environment = self.environment()
+        environment.pop("VISITAS_RUN_ID", None)
+        return run_measured([*RUN_COMMANDS[command], *args], cwd=self.tmp, env=environment,
+                            timeout=timeout)
+
+    def popen(self, *args: str, env: dict | None = None, scheduler_port: int | None = None,
+              command: str = "luigi") -> "Running":
+        """Start a run in the background (by ``command``, one of :data:`RUN_COMMANDS`; with
+        ``scheduler_port``, Luigi's against that luigid); its output goes to a file (never a full
+        pipe)."""
         environment = self.environment(env)
         environment.pop("VISITAS_RUN_ID", None)
         self._runs = getattr(self, "_runs", 0) + 1
         output = self.tmp / f"run-{self._runs}.out"
-        scheduler = (["--scheduler-host", "127.0.0.1", "--scheduler-port", str(scheduler_port)]
-                     if scheduler_port else ["--local-scheduler"])
+        started = RUN_COMMANDS[command]
+        if scheduler_port:
+            started = [LUIGI, "--module", "visitas", "RunAll", "--scheduler-host", "127.0.0.1",
+                       "--scheduler-port", str(scheduler_port)]
         with open(output, "w") as handle:
             process = subprocess.Popen(
-                [LUIGI, "--module", "visitas", "RunAll", *scheduler, *args], cwd=self.tmp,
+                [*started, *args], cwd=self.tmp,
                 env=environment, stdout=handle, stderr=subprocess.STDOUT, text=True)
         return Running(process, output)
 

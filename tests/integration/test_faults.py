@@ -22,12 +22,14 @@ from .harness import (assert_exactly_once, expected_visitors, holding_the_archiv
 FAST_RETRY = "[retry]\nattempts = 2\nfirst_delay = 0.2\nmax_delay = 0.2\n"
 
 
-def test_sigkill_after_copy_before_commit(env):
+@pytest.mark.parametrize("command, loads", [("luigi", 1), ("visitas run", 2)])
+def test_sigkill_after_copy_before_commit(env, command, loads):
+    """One load under way; with ``visitas run --workers 2``, two at once in its two threads."""
     manifest = env.generate(files=3, rows=300)
     with psycopg.connect(env.dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s, 0)", (db.LOCK_VISITORS,))
-        run = env.popen()
-        wait_until_blocked_on_a_lock(env)  # COPY done, merge and commit not yet
+        run = env.popen(*(["--workers", "2"] if loads > 1 else []), command=command)
+        wait_until_blocked_on_a_lock(env, count=loads)  # COPY done, merge and commit not yet
         run.process.kill()
         run.process.wait()
         holder.execute("SELECT pg_advisory_unlock(%s, 0)", (db.LOCK_VISITORS,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 from polars.testing import assert_frame_equal
@@ -123,12 +124,18 @@ def test_truncate_each_run_off_keeps_statistics(make_env):
     assert env.query("SELECT count(DISTINCT source_file) FROM statistics") == [(2,)]
 
 
-def test_two_workers_give_the_same_visitors_as_a_serial_load(env):
+@pytest.mark.parametrize("command", ["luigi", "visitas run"])
+def test_two_workers_give_the_same_visitors_as_a_serial_load(env, command):
+    """Luigi's two workers run each step in a process of its own, ``visitas run``'s in two threads
+    of its one process."""
     # Few visitors, many files: every file shares emails with every other.
     manifest = env.generate(files=6, rows=400, visitors=60, defects=0.02)
-    result = env.luigi("--workers", "2")
+    result = env.run(command, "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_loaded_exactly_as_planted(env, manifest)
+    ran_in = set(re.findall(r"\[pid (\d+)\] Worker .* running ", env.log_file.read_text()))
+    # One process for every step, or a process per step.
+    assert (len(ran_in) == 1) == (command == "visitas run") and ran_in
 
 
 def test_rejected_file_is_recorded_archived_and_removed(env):

@@ -3,6 +3,7 @@
 import datetime as dt
 import hashlib
 import stat
+import threading
 import zipfile
 
 import pytest
@@ -317,3 +318,31 @@ def test_old_days_are_pruned_with_all_their_zips(tmp_path):
         "visitas_20261003_2.zip"]
     assert sorted(p.name for p in tmp_path.glob("visitas_*")) == sorted(
         set(names) - {p.name for p in deleted})
+
+
+def test_threads_adding_to_one_day_at_once_lose_no_member(tmp_path):
+    """``visitas run --workers N`` archives files in threads of one process: the day's lock
+    (a flock on a file opened anew by each call) excludes them as it excludes processes."""
+    backup = tmp_path / "bckp"
+    start = threading.Barrier(4)
+    where: dict[int, str] = {}
+
+    def add(first: int) -> None:
+        start.wait(60)
+        for i in range(first, 40, 4):
+            where[i] = _add(backup, tmp_path, i, size=20_000, part_members=7)
+
+    threads = [threading.Thread(target=add, args=(first,)) for first in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(where) == list(range(40))
+    found = {}
+    for _, zip_path in archive.day_zips(backup, DAY):
+        with zipfile.ZipFile(zip_path) as result:
+            assert result.testzip() is None
+            assert len(result.namelist()) <= 7
+            found.update({f"{zip_path.name}:{n}": result.read(n) for n in result.namelist()})
+    assert sorted(found) == sorted(where.values())
+    assert all(found[where[i]] == (b"%d,visit\n" % i) * 2500 for i in range(40))

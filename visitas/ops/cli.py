@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                     " 30 a task failed, 35 scheduling error, 40 unexpected error")
     run.add_argument("--date", type=dt.date.fromisoformat, default=dt.date.today(),
                      help="run date, YYYY-MM-DD (default: today)")
-    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="steps run at once, in threads of this process (default 1)")
     run.add_argument("--scheduler-host", default=None,
                      help="luigid's host (default: a local scheduler, no luigid)")
     run.add_argument("--scheduler-port", type=int, default=None, help="luigid's port (default 8082)")
