@@ -24,15 +24,19 @@ def per_thread(factory: Callable[[], T]) -> Callable[[], T]:
     ``visitas run --workers N``) has its own connection, as a connection serves one step at a
     time; and a connection made before Luigi forks a step's process (a step with a timeout) is
     not used by the child (sockets and paramiko's thread do not cross a fork)."""
-    made: dict[tuple[int, int], T] = {}
+    made: dict[int, dict[int, T]] = {}  # process -> thread -> handle
 
     def get() -> T:
-        key = (os.getpid(), threading.get_ident())
-        handle = made.get(key)
+        pid = os.getpid()
+        mine = made.get(pid)
+        if mine is None:  # the first call in this process: a forked child drops its parent's
+            mine = made.setdefault(pid, {})  # (single operations on a dict: safe in threads)
+            for other in [p for p in list(made) if p != pid]:
+                made.pop(other, None)
+        thread = threading.get_ident()
+        handle = mine.get(thread)
         if handle is None:
-            if any(pid != key[0] for pid, _ in made):
-                made.clear()  # a forked child: the parent's handles are not its own
-            handle = made[key] = factory()
+            handle = mine[thread] = factory()
         return handle
 
     get.__doc__ = factory.__doc__
