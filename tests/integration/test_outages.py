@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import psycopg
+import pytest
 
 from visitas import db
 from visitas.dev import servers as devservers
@@ -23,12 +24,15 @@ def _pause_at_visitor_merge(env):
     return holder
 
 
-def test_short_database_outage_is_ridden_out(make_env, own_pg):
+@pytest.mark.parametrize("command, loads", [("luigi", 1), ("visitas run", 2)])
+def test_short_database_outage_is_ridden_out(make_env, own_pg, command, loads):
+    """With ``visitas run --workers 2``, two loads are under way (each thread with its own
+    connection) when the server stops; both reconnect and load once."""
     env = make_env(extra_cfg=RETRY, dsn=own_pg.dsn())
     manifest = env.generate(files=3, rows=200)
     holder = _pause_at_visitor_merge(env)
-    run = env.popen()
-    wait_until_blocked_on_a_lock(env)
+    run = env.popen(*(["--workers", "2"] if loads > 1 else []), command=command)
+    wait_until_blocked_on_a_lock(env, count=loads)
     own_pg.stop("fast")  # every session dies, the load's transaction is rolled back
     holder.close()
     time.sleep(2)
