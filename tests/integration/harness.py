@@ -36,11 +36,18 @@ max_delay = 1
 """
 LUIGI = str(Path(sys.executable).with_name("luigi"))
 VISITAS = str(Path(sys.executable).with_name("visitas"))
-# The two ways a run starts: Luigi's own command (a process per step with several workers), and
-# the operator's `visitas run` (steps in threads of one process with several workers).
-RUN_COMMANDS = {"luigi": [LUIGI, "--module", "visitas", "RunAll", "--local-scheduler"],
-                "visitas run": [VISITAS, "run"]}
 
+
+def run_command(command: str, task: str = "RunAll", scheduler_port: int | None = None) -> list[str]:
+    """The command line of a run: ``"luigi"``, Luigi's own command (a process per step with
+    several workers), or ``"visitas run"``, the operator's (steps in threads of one process);
+    with ``scheduler_port``, against that luigid instead of a local scheduler."""
+    scheduler = (["--scheduler-host", "127.0.0.1", "--scheduler-port", str(scheduler_port)]
+                 if scheduler_port else [])
+    if command == "visitas run":
+        assert task == "RunAll", "visitas run runs RunAll only"
+        return [VISITAS, "run", *scheduler]
+    return [LUIGI, "--module", "visitas", task, *(scheduler or ["--local-scheduler"])]
 
 class Env:
     """One test's world: an SFTP server's folder, local folders, a schema, a luigi.cfg."""
@@ -74,41 +81,34 @@ class Env:
                 "VISITAS_TEST_PIPELINE_DSN": self.dsn,
                 "VISITAS_TEST_SFTP_PASSWORD": self.sftp_password, **(extra or {})}
 
+    def _run_environment(self, env: dict | None) -> dict:
+        environment = self.environment(env)
+        environment.pop("VISITAS_RUN_ID", None)  # each run makes its own
+        return environment
+
     def luigi(self, *args: str, timeout: float = 300, env: dict | None = None,
               task: str = "RunAll", scheduler_port: int | None = None) -> subprocess.CompletedProcess:
         """The real command, as cron runs it (a fresh interpreter, our config); with
         ``scheduler_port``, against that luigid instead of a local scheduler."""
-        environment = self.environment(env)
-        environment.pop("VISITAS_RUN_ID", None)
-        scheduler = (["--scheduler-host", "127.0.0.1", "--scheduler-port", str(scheduler_port)]
-                     if scheduler_port else ["--local-scheduler"])
-        return run_measured([LUIGI, "--module", "visitas", task, *scheduler, *args],
-                            cwd=self.tmp, env=environment, timeout=timeout)
+        return self.run("luigi", *args, timeout=timeout, env=env, task=task,
+                        scheduler_port=scheduler_port)
 
-    def run(self, command: str, *args: str, timeout: float = 300) -> Finished:
-        """A run with a local scheduler by one of :data:`RUN_COMMANDS`."""
-        environment = self.environment()
-        environment.pop("VISITAS_RUN_ID", None)
-        return run_measured([*RUN_COMMANDS[command], *args], cwd=self.tmp, env=environment,
-                            timeout=timeout)
+    def run(self, command: str, *args: str, timeout: float = 300, env: dict | None = None,
+            task: str = "RunAll", scheduler_port: int | None = None) -> Finished:
+        """A run by ``command`` (see :func:`run_command`), waited for."""
+        return run_measured([*run_command(command, task, scheduler_port), *args], cwd=self.tmp,
+                            env=self._run_environment(env), timeout=timeout)
 
     def popen(self, *args: str, env: dict | None = None, scheduler_port: int | None = None,
               command: str = "luigi") -> "Running":
-        """Start a run in the background (by ``command``, one of :data:`RUN_COMMANDS`; with
-        ``scheduler_port``, Luigi's against that luigid); its output goes to a file (never a full
-        pipe)."""
-        environment = self.environment(env)
-        environment.pop("VISITAS_RUN_ID", None)
+        """Start a run by ``command`` (see :func:`run_command`) in the background; its output goes
+        to a file (never a full pipe)."""
         self._runs = getattr(self, "_runs", 0) + 1
         output = self.tmp / f"run-{self._runs}.out"
-        started = RUN_COMMANDS[command]
-        if scheduler_port:
-            started = [LUIGI, "--module", "visitas", "RunAll", "--scheduler-host", "127.0.0.1",
-                       "--scheduler-port", str(scheduler_port)]
         with open(output, "w") as handle:
             process = subprocess.Popen(
-                [*started, *args], cwd=self.tmp,
-                env=environment, stdout=handle, stderr=subprocess.STDOUT, text=True)
+                [*run_command(command, scheduler_port=scheduler_port), *args], cwd=self.tmp,
+                env=self._run_environment(env), stdout=handle, stderr=subprocess.STDOUT, text=True)
         return Running(process, output)
 
     def host_config(self, name: str, extra: str = "") -> dict:
