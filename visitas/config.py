@@ -107,6 +107,9 @@ class paths(FixedParams, luigi.Config, metaclass=Section):  # noqa: N801
     keep_backups_days = luigi.IntParameter(
         default=0, description="delete backup zips of run dates older than this many days;"
                                " 0: keep all")
+    keep_state_days = luigi.IntParameter(
+        default=14, description="remove the download and state folders of run dates older than"
+                                " this many days once nothing in them is needed; 0: keep all")
     metrics_file = luigi.Parameter(
         default="", description="Prometheus textfile written after each `visitas run`; empty: none")
     files_per_zip = luigi.NumericalParameter(

@@ -11,6 +11,8 @@
     state_dir/YYYYMMDD/elsewhere/<file>                taken by another worker or host
     state_dir/YYYYMMDD/deferred/<file>                 left at the source by a run (its run id)
     state_dir/runs/<run id>.jsonl                      a run's failures and deferrals
+
+A run date's folders are removed ``[paths] keep_state_days`` after it (:mod:`visitas.housekeeping`).
 """
 
 from __future__ import annotations
@@ -86,3 +88,13 @@ class RunPaths:
     @staticmethod
     def events(state_root: Path, run_id: str) -> Path:
         return state_root / "runs" / f"{run_id}.jsonl"
+
+    @staticmethod
+    def run_records(state_root: Path) -> list[Path]:
+        return sorted((state_root / "runs").glob("*.jsonl"))
+
+    @staticmethod
+    def is_download(name: str) -> bool:
+        """A name in a date's download folder that is a complete download (one under way has a
+        temporary name beginning with a dot)."""
+        return not name.startswith(".") and SAFE_NAME.match(name) is not None

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import luigi
 
-from visitas import archive, config, db, handoff, sftp
+from visitas import archive, config, db, handoff, housekeeping, sftp
 from visitas.ops import runmail
 from visitas.paths import RunPaths
-from visitas.runtime import runinfo, setup
+from visitas.runtime import retrying, runinfo, setup
 from visitas.transform import split, validate
 
 log = logging.getLogger(__name__)
@@ -348,6 +348,7 @@ class RunAll(config.FixedParams, luigi.WrapperTask):
     def requires(self):
         if not hasattr(self, "_reports"):
             runmail.send_at_exit(self.date)
+            self._prune_past_dates()
             listed = sftp.source().list_reports()
             log.info("%d report(s) on the server: %s", len(listed),
                      ", ".join(r.name for r in listed) or "none")
@@ -364,6 +365,17 @@ class RunAll(config.FixedParams, luigi.WrapperTask):
         task = ArchiveZip(date=self.date, host=self.host, file_name=report.name)
         task.priority = rank
         return task
+
+    def _prune_past_dates(self) -> None:
+        """The local folders of run dates past ``[paths] keep_state_days``
+        (:mod:`visitas.housekeeping`); a failure here is logged, and the run goes on."""
+        settings = config.paths()
+        try:
+            housekeeping.prune_local(Path(settings.download_dir),
+                                     Path(settings.resolved_state_dir()), settings.keep_state_days,
+                                     dt.date.today(), self.date, db.load_log().archived)
+        except (OSError, *retrying.TRANSIENT) as error:
+            log.warning("could not remove the folders of past run dates: %s", error)
 
     @staticmethod
     def _check_silence() -> None:

@@ -1,11 +1,13 @@
 """Operations against real servers: run mail (aiosmtpd), Luigi's crash mail, luigid,
-the monthly report command, the process lock."""
+the monthly report command, the process lock, the removal of past dates' folders."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import shutil
 import time
 import urllib.parse
 import urllib.request
@@ -130,3 +132,34 @@ def test_overlapping_run_on_one_host_is_refused_by_the_process_lock(env):
     assert second.returncode == 10, second.stderr[-2000:]  # [retcode] already_running
     assert first.returncode == 0, out[-2000:]
     assert [r[1] for r in env.loads()] == ["loaded", "loaded"]
+
+
+def test_a_run_removes_past_dates_folders_but_keeps_a_download_never_archived(env):
+    """A chain that stopped on an old date, its file loaded by a later date's run instead, left a
+    copy of the file behind: the next run removes it (its content is archived, says load_log), and
+    keeps a download whose content is loaded but not archived, naming it in the log."""
+    manifest = env.generate(files=2, rows=50, defects=0.0)
+    assert env.luigi().returncode == 0
+    stopped = env.download_dir / "20260101" / "report_1.txt"
+    stopped.parent.mkdir(parents=True)
+    shutil.copyfile(manifest["dir"] / "report_1.txt", stopped)
+    (env.state_dir / "20260101" / "report_1.txt" / "checked").mkdir(parents=True)
+    (env.state_dir / "20260101" / "report_1.txt" / "checked" / "part-0.parquet").write_bytes(b"x")
+    never = env.download_dir / "20260102" / "report_2.txt"
+    never.parent.mkdir(parents=True)
+    shutil.copyfile(manifest["dir"] / "report_2.txt", never)
+    # As if its archive had failed and the source copy were gone: the download is the only copy.
+    env.execute("UPDATE load_log SET archived_at = NULL WHERE file_name = 'report_2.txt'")
+    old = time.time() - 30 * 86400
+    for root in (env.download_dir, env.state_dir):
+        for path in root.glob("2026010[12]/**/*"):
+            os.utime(path, (old, old))
+        for path in root.glob("2026010[12]"):
+            os.utime(path, (old, old))
+
+    assert env.luigi().returncode == 0
+    assert not (env.download_dir / "20260101").exists()
+    assert not (env.state_dir / "20260101").exists()
+    assert never.read_bytes() == (manifest["dir"] / "report_2.txt").read_bytes()
+    assert "20260102/report_2.txt never archived, so its folders stay" in env.log_file.read_text()
+    assert "removed the local folders of 1 past run date(s) (2026-01-01)" in env.log_file.read_text()

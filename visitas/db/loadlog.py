@@ -142,6 +142,12 @@ class LoadLog:
             " AND run_date = %s AND source_removed_at IS NOT NULL LIMIT 1",
             (file_name, run_date)) is not None
 
+    def archived(self, sha256: str) -> bool:
+        """Content of this hash was loaded (or recorded as rejected or a duplicate) and archived."""
+        return self.db.fetch_one(
+            "reading load_log", "SELECT 1 FROM {schema}.load_log WHERE sha256 = %s"
+            " AND status <> 'failed' AND archived_at IS NOT NULL LIMIT 1", (sha256,)) is not None
+
     def mark_archived(self, file_name: str, sha256: str, archive: str) -> None:
         self.db.execute(
             "recording the archive",
