@@ -11,7 +11,8 @@ many days before today are removed, unless:
 - anything in them changed within those days (a run of that date may be under way);
 - a download in it holds content that ``load_log`` does not record as archived: it may be the only
   copy left (the partner may have deleted the file at the source since); the whole date stays and
-  a warning names the file, for the operator to load it (``visitas run --date``) or remove it.
+  a warning names the file, and so does the run mail, for the operator to load it
+  (``visitas run --date``) or remove it.
 
 A folder is renamed to a hidden name before it is deleted, so a crash part-way leaves no half
 date behind for Luigi to read as done: the leftover is deleted by the next call.  Run records
@@ -43,14 +44,15 @@ _PRUNING = re.compile(r"^\.(\d{8})\.pruning$")
 class Pruned:
     days: list[dt.date] = dataclasses.field(default_factory=list)
     kept: list[Path] = dataclasses.field(default_factory=list)  # downloads never archived
-    run_records: int = 0
 
 
 def prune_local(download_root: Path, state_root: Path, keep_days: int, today: dt.date,
                 current: dt.date, archived: Callable[[str], bool],
+                kept: Callable[[Path, dt.date], None] = lambda path, day: None,
                 now: float | None = None) -> Pruned:
     """Remove the folders of run dates more than ``keep_days`` before ``today`` (see the module);
-    ``archived(sha256)`` says whether ``load_log`` records that content as archived."""
+    ``archived(sha256)`` says whether ``load_log`` records that content as archived;
+    ``kept(path, day)`` is told of each download that keeps its date."""
     pruned = Pruned()
     if keep_days <= 0:
         return pruned
@@ -65,21 +67,22 @@ def prune_local(download_root: Path, state_root: Path, keep_days: int, today: dt
         folders = [root / f"{day:%Y%m%d}" for root in (download_root, state_root)]
         if _newest_change(folders) >= since:
             continue
-        kept = [path for path in _downloads(folders[0]) if not archived(_sha256(path))]
-        if kept:
-            pruned.kept.extend(kept)
+        unarchived = [path for path in _downloads(folders[0]) if not archived(_sha256(path))]
+        if unarchived:
+            pruned.kept.extend(unarchived)
             log.warning("run date %s: %s never archived, so its folders stay: load it with"
                         " `visitas run --date %s`, or remove it once it is safe elsewhere",
-                        day, ", ".join(str(p) for p in kept), day)
+                        day, ", ".join(str(p) for p in unarchived), day)
+            for path in unarchived:
+                kept(path, day)
             continue
         for folder in folders:
             _remove(folder)
         pruned.days.append(day)
-    pruned.run_records = _prune_run_records(state_root, since)
-    if pruned.days or pruned.run_records:
-        log.info("removed the local folders of %d past run date(s) (%s) and %d run record(s):"
-                 " older than %d days ([paths] keep_state_days)", len(pruned.days),
-                 ", ".join(map(str, pruned.days)) or "none", pruned.run_records, keep_days)
+    if pruned.days:
+        log.info("removed the local folders of %d past run date(s) (%s): older than %d days"
+                 " ([paths] keep_state_days)", len(pruned.days), ", ".join(map(str, pruned.days)),
+                 keep_days)
     return pruned
 
 
@@ -162,14 +165,3 @@ def _finish_interrupted(root: Path) -> None:
         if _PRUNING.match(entry.name) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path)
 
-
-def _prune_run_records(state_root: Path, since: float) -> int:
-    removed = 0
-    for record in RunPaths.run_records(state_root):
-        try:
-            if record.lstat().st_mtime < since:
-                record.unlink()
-                removed += 1
-        except FileNotFoundError:
-            continue
-    return removed

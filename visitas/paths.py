@@ -90,10 +90,6 @@ class RunPaths:
         return state_root / "runs" / f"{run_id}.jsonl"
 
     @staticmethod
-    def run_records(state_root: Path) -> list[Path]:
-        return sorted((state_root / "runs").glob("*.jsonl"))
-
-    @staticmethod
     def is_download(name: str) -> bool:
         """A name in a date's download folder that is a complete download (one under way has a
         temporary name beginning with a dot)."""

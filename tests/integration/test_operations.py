@@ -134,12 +134,14 @@ def test_overlapping_run_on_one_host_is_refused_by_the_process_lock(env):
     assert [r[1] for r in env.loads()] == ["loaded", "loaded"]
 
 
-def test_a_run_removes_past_dates_folders_but_keeps_a_download_never_archived(env):
+def test_a_run_removes_past_dates_folders_but_keeps_a_download_never_archived(make_env, smtp):
     """A chain that stopped on an old date, its file loaded by a later date's run instead, left a
     copy of the file behind: the next run removes it (its content is archived, says load_log), and
-    keeps a download whose content is loaded but not archived, naming it in the log."""
+    keeps a download whose content is loaded but not archived, naming it in the log and the mail."""
+    env = make_env(extra_cfg=notify_cfg(smtp))
     manifest = env.generate(files=2, rows=50, defects=0.0)
     assert env.luigi().returncode == 0
+    assert smtp.messages == []  # nothing to report: all loaded
     stopped = env.download_dir / "20260101" / "report_1.txt"
     stopped.parent.mkdir(parents=True)
     shutil.copyfile(manifest["dir"] / "report_1.txt", stopped)
@@ -163,3 +165,9 @@ def test_a_run_removes_past_dates_folders_but_keeps_a_download_never_archived(en
     assert never.read_bytes() == (manifest["dir"] / "report_2.txt").read_bytes()
     assert "20260102/report_2.txt never archived, so its folders stay" in env.log_file.read_text()
     assert "removed the local folders of 1 past run date(s) (2026-01-01)" in env.log_file.read_text()
+    assert wait_for(lambda: smtp.messages)
+    [message] = smtp.messages
+    assert message["Subject"].endswith(", 1 past download(s) never archived")
+    for part in ("plain", "html"):
+        assert (f"{never}: load it with `visitas run --date 2026-01-02`"
+                in message.get_body((part,)).get_content())

@@ -35,9 +35,9 @@ def roots(tmp_path):
     return tmp_path / "download", tmp_path / "state"
 
 
-def _prune(roots, archived_content=(), keep=14, current=TODAY):
+def _prune(roots, archived_content=(), keep=14, current=TODAY, **kwargs):
     archived = {hashlib.sha256(data).hexdigest() for data in archived_content}
-    return housekeeping.prune_local(*roots, keep, TODAY, current, archived.__contains__)
+    return housekeeping.prune_local(*roots, keep, TODAY, current, archived.__contains__, **kwargs)
 
 
 def test_past_dates_go_unless_recent_current_touched_or_holding_an_unarchived_download(
@@ -63,19 +63,19 @@ def test_past_dates_go_unless_recent_current_touched_or_holding_an_unarchived_do
     _plant(state, "rebuild/report_9.txt", b"replay")
     _plant(download, "notes/readme.txt", b"mine")
     _plant(state, "20261399/x", b"not a date")
-    # Run records: an old one and the current run's.
-    _plant(state, "runs/old-run.jsonl", b"{}\n")
+    _plant(state, "runs/old-run.jsonl", b"{}\n")  # the run mail's records: its own to prune
     _age(download, state)
     os.utime(state / "20261104" / "report_7.txt" / "remote.json")  # now
-    _plant(state, "runs/this-run.jsonl", b"{}\n")
     _plant(state, "20261120/archived/report_10.txt.json", b"{}")
 
+    told = []
     with caplog.at_level(logging.WARNING, logger="visitas.housekeeping"):
-        pruned = _prune(roots, archived_content=[b"three\n"])
+        pruned = _prune(roots, archived_content=[b"three\n"],
+                        kept=lambda path, day: told.append((path, day)))
 
     assert pruned.days == [dt.date(2026, 11, 1), dt.date(2026, 11, 2)]
     assert pruned.kept == [download / "20261103" / "report_5.txt"]
-    assert pruned.run_records == 1
+    assert told == [(download / "20261103" / "report_5.txt", dt.date(2026, 11, 3))]
     left = sorted(str(p.relative_to(download.parent)) for r in roots for p in r.rglob("*")
                   if p.is_file())
     assert left == sorted([
@@ -83,7 +83,7 @@ def test_past_dates_go_unless_recent_current_touched_or_holding_an_unarchived_do
         "state/20261103/report_5.txt/remote.json", "state/20261103/archived/report_6.txt.json",
         "state/20261104/report_7.txt/remote.json", "state/20261120/archived/report_8.txt.json",
         "state/20261120/archived/report_10.txt.json", "state/rebuild/report_9.txt",
-        "state/20261399/x", "state/runs/this-run.jsonl"])
+        "state/20261399/x", "state/runs/old-run.jsonl"])
     assert not (download / "20261101").exists() and not (download / "20261102").exists()
     assert "report_5.txt never archived" in caplog.text
     assert "`visitas run --date 2026-11-03`" in caplog.text
@@ -103,11 +103,10 @@ def test_zero_keeps_everything(roots):
     download, state = roots
     _plant(download, "20250101/report_1.txt", b"one\n")
     _plant(state, "20250101/archived/report_1.txt.json", b"{}")
-    _plant(state, "runs/old.jsonl", b"{}\n")
     _age(download.parent)
     pruned = _prune(roots, archived_content=[b"one\n"], keep=0)
-    assert (pruned.days, pruned.kept, pruned.run_records) == ([], [], 0)
-    assert len([p for r in roots for p in r.rglob("*") if p.is_file()]) == 3
+    assert (pruned.days, pruned.kept) == ([], [])
+    assert len([p for r in roots for p in r.rglob("*") if p.is_file()]) == 2
 
 
 def test_a_removal_cut_short_leaves_no_date_behind_and_is_finished_next_time(roots, monkeypatch):

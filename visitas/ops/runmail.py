@@ -56,6 +56,13 @@ def record_deferred(file_name: str, why: str) -> None:
              "at": dt.datetime.now().isoformat(timespec="seconds")})
 
 
+def record_unarchived(path: Path, run_date: dt.date) -> None:
+    """A download of a past run date whose content was never archived: its folders are kept
+    (:mod:`visitas.housekeeping`), and the run mail says so until it is loaded or removed."""
+    _append({"kind": "unarchived", "file": str(path), "run_date": run_date.isoformat(),
+             "at": dt.datetime.now().isoformat(timespec="seconds")})
+
+
 def record_silence(last_file: str | None, last_at: dt.datetime | None, hours: float) -> None:
     """No file at the source and none received for longer than ``[notify] stale_after_hours``:
     the run mail goes out and says since when (``visitas run`` exits with missing_data)."""
@@ -127,6 +134,7 @@ def gather(run_date: dt.date) -> dict:
     report = {"run_id": runinfo.run_id(), "run_date": run_date.isoformat(), "files": [], "reasons": [],
               "errors": [], "failures": [e for e in events if e.get("kind", "failure") == "failure"],
               "deferred": list(deferred.values()), "silence": silence_of(events),
+              "unarchived": [e for e in events if e.get("kind") == "unarchived"],
               "database_error": None}
     limit = config.notify().max_attachment_rows
     try:
@@ -160,7 +168,7 @@ def gather(run_date: dt.date) -> dict:
 def needs_mail(report: dict) -> bool:
     bad_file = any(f["status"] != "loaded" or f["rows_rejected"] for f in report["files"])
     return bool(bad_file or report["failures"] or report.get("deferred") or report.get("silence")
-                or report["database_error"])
+                or report.get("unarchived") or report["database_error"])
 
 
 def compose(report: dict, sender: str, recipients: list[str], limit: int) -> EmailMessage:
@@ -174,6 +182,9 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
     deferred = report.get("deferred", [])
     if deferred:
         subject += f", {len(deferred)} left at the source"
+    unarchived = report.get("unarchived", [])
+    if unarchived:
+        subject += f", {len(unarchived)} past download(s) never archived"
     silence = report.get("silence")
     if silence:
         subject = (f"[visitas] run {report['run_date']}: NO FILE received for more than"
@@ -200,6 +211,9 @@ def compose(report: dict, sender: str, recipients: list[str], limit: int) -> Ema
     if report["failures"]:
         lines += ["", "Failures (the next run resumes them; nothing was lost):"]
         lines += [f"  {f['at']} {f['task']}: {f['error']}" for f in report["failures"]]
+    if unarchived:
+        lines += ["", UNARCHIVED_TITLE + ":"]
+        lines += [f"  {_unarchived_text(u)}" for u in unarchived]
     if report["database_error"]:
         lines += ["", f"The database could not be read for this report: {report['database_error']}"]
     message = EmailMessage()
@@ -230,6 +244,15 @@ def _file_table(files: list[dict]) -> list[list[str]]:
                      percent(f.get("rows_clicked"), f["rows_loaded"]),
                      (f["message"] if f["status"] != "loaded" else "") or ""])
     return rows
+
+
+UNARCHIVED_TITLE = ("Downloads of past run dates whose content was never archived (kept, with"
+                    " their date's folders: perhaps the only copy left)")
+
+
+def _unarchived_text(entry: dict) -> str:
+    return (f"{entry['file']}: load it with `visitas run --date {entry['run_date']}`, or remove it"
+            " once it is safe elsewhere")
 
 
 def _silence_text(silence: dict) -> str:
@@ -264,7 +287,8 @@ def _html(report: dict, subject: str, table: list[list[str]]) -> str:
     lists = [("Left at the source for a later run (still being written)",
               [f"{d['file']}: {d['why']}" for d in report.get("deferred", [])]),
              ("Failures (the next run resumes them; nothing was lost)",
-              [f"{f['at']} {f['task']}: {f['error']}" for f in report["failures"]])]
+              [f"{f['at']} {f['task']}: {f['error']}" for f in report["failures"]]),
+             (UNARCHIVED_TITLE, [_unarchived_text(u) for u in report.get("unarchived", [])])]
     for title, items in lists:
         if items:
             parts.append(f"<h4>{title}</h4><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items)
