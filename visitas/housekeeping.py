@@ -15,13 +15,12 @@ many days before today are removed, unless:
   (``visitas run --date``) or remove it.
 
 A folder is renamed to a hidden name before it is deleted, so a crash part-way leaves no half
-date behind for Luigi to read as done: the leftover is deleted by the next call.  Run records
-(``runs/*.jsonl``) older than those days go too.  Nothing here can fail a run: an error is logged.
+date behind for Luigi to read as done: the leftover is deleted by the next call.  (The run mail's
+records, ``runs/*.jsonl``, are pruned by :func:`visitas.ops.runmail.prune_failure_files`.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -40,20 +39,15 @@ _DAY = re.compile(r"^(\d{8})$")
 _PRUNING = re.compile(r"^\.(\d{8})\.pruning$")
 
 
-@dataclasses.dataclass
-class Pruned:
-    days: list[dt.date] = dataclasses.field(default_factory=list)
-    kept: list[Path] = dataclasses.field(default_factory=list)  # downloads never archived
-
-
 def prune_local(download_root: Path, state_root: Path, keep_days: int, today: dt.date,
                 current: dt.date, archived: Callable[[str], bool],
                 kept: Callable[[Path, dt.date], None] = lambda path, day: None,
-                now: float | None = None) -> Pruned:
+                now: float | None = None) -> list[dt.date]:
     """Remove the folders of run dates more than ``keep_days`` before ``today`` (see the module);
     ``archived(sha256)`` says whether ``load_log`` records that content as archived;
-    ``kept(path, day)`` is told of each download that keeps its date."""
-    pruned = Pruned()
+    ``kept(path, day)`` is told of each download that keeps its date.  Returns the dates
+    removed."""
+    pruned: list[dt.date] = []
     if keep_days <= 0:
         return pruned
     now = time.time() if now is None else now
@@ -69,7 +63,6 @@ def prune_local(download_root: Path, state_root: Path, keep_days: int, today: dt
             continue
         unarchived = [path for path in _downloads(folders[0]) if not archived(_sha256(path))]
         if unarchived:
-            pruned.kept.extend(unarchived)
             log.warning("run date %s: %s never archived, so its folders stay: load it with"
                         " `visitas run --date %s`, or remove it once it is safe elsewhere",
                         day, ", ".join(str(p) for p in unarchived), day)
@@ -78,11 +71,10 @@ def prune_local(download_root: Path, state_root: Path, keep_days: int, today: dt
             continue
         for folder in folders:
             _remove(folder)
-        pruned.days.append(day)
-    if pruned.days:
+        pruned.append(day)
+    if pruned:
         log.info("removed the local folders of %d past run date(s) (%s): older than %d days"
-                 " ([paths] keep_state_days)", len(pruned.days), ", ".join(map(str, pruned.days)),
-                 keep_days)
+                 " ([paths] keep_state_days)", len(pruned), ", ".join(map(str, pruned)), keep_days)
     return pruned
 
 
