@@ -373,7 +373,8 @@ class RunAll(config.FixedParams, luigi.WrapperTask):
         try:
             housekeeping.prune_local(Path(settings.download_dir),
                                      Path(settings.resolved_state_dir()), settings.keep_state_days,
-                                     dt.date.today(), self.date, db.load_log().archived,
+                                     dt.date.today(), self.date,
+                                     lambda sha256: db.load_log().archived(sha256),
                                      kept=runmail.record_unarchived)
         except (OSError, *retrying.TRANSIENT) as error:
             log.warning("could not remove the folders of past run dates: %s", error)
