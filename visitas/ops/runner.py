@@ -295,6 +295,10 @@ class _ThreadedStep:
         log.warning("%s is still running: waiting for it to end", self.task)
 
 
+# The most threads a run's steps get (see _Worker._create_task_process).
+MAX_SLOTS = 64
+
+
 class _Worker(luigi.worker.Worker):
     """Luigi's worker; with ``--workers N`` above 1 it runs the steps in N threads of this process.
 
@@ -322,9 +326,12 @@ class _Worker(luigi.worker.Worker):
                 or step.timeout_time is not None):
             return step  # Luigi's way: inline with one worker, else a process of its own
         if self._slots is None:
-            # As many threads as workers when the first step starts (luigid may change the
-            # count later: more steps then wait for a thread, fewer leave one idle).
-            self._slots = ThreadPoolExecutor(self.worker_processes, thread_name_prefix="slot")
+            # A thread is made when a step finds none idle, so a run has as many as the steps it
+            # ran at once: Luigi's worker runs no more steps than its count, which luigid may
+            # raise while the run goes on (up to MAX_SLOTS threads, or the count at the first
+            # step if larger) or lower (a thread then stays idle).
+            self._slots = ThreadPoolExecutor(max(MAX_SLOTS, self.worker_processes),
+                                             thread_name_prefix="slot")
             self._task_result_queue.threaded = True
         step.use_multiprocessing = False
         return _ThreadedStep(step, self._slots)

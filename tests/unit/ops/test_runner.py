@@ -3,6 +3,7 @@ and a shorter way for results."""
 
 import itertools
 import os
+import sys
 import threading
 import time
 
@@ -274,3 +275,40 @@ def test_two_workers_run_two_steps_at_once_in_threads_of_this_process(luigi_conf
     assert {int(pid) for pid, _ in ran} == {os.getpid()}
     assert all(thread.startswith("slot") for _, thread in ran)
     assert ran[0][1] != ran[1][1]
+
+
+class _Keeping(runner._SchedulerFactory):
+    """The factory of ``visitas run``, keeping the worker it makes (for luigid's messages)."""
+
+    worker = None
+
+    def create_worker(self, scheduler, worker_processes, assistant=False):
+        self.worker = super().create_worker(scheduler, worker_processes, assistant)
+        return self.worker
+
+
+def test_a_worker_count_luigid_raises_mid_run_runs_that_many_steps_at_once(
+        luigi_config, tmp_path, monkeypatch):
+    """luigid's "set workers" (Luigi's set_worker_processes) from 2 to 3 while two steps run:
+    the third starts at once, in a third thread (three steps that wait for each other)."""
+    luigi_config.set("worker", "no_install_shutdown_handler", "true")
+    meeting = threading.Barrier(3)
+    monkeypatch.setattr(sys.modules[__name__], "_MEETING", meeting)
+    factory = _Keeping()
+    results = []
+    build = threading.Thread(target=lambda: results.append(luigi.build(
+        [_Meets(root=str(tmp_path), name=name) for name in ("a", "b", "c")],
+        worker_scheduler_factory=factory, detailed_summary=True, local_scheduler=True,
+        workers=2)), daemon=True)
+    build.start()
+    deadline = time.monotonic() + 60
+    while meeting.n_waiting < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert meeting.n_waiting == 2  # two steps under way, the third held back by the count
+    factory.worker.set_worker_processes(3)
+    build.join(120)
+    assert results and results[0].scheduling_succeeded
+    summary = luigi.execution_summary._summary_dict(results[0].worker)
+    assert sorted(task.name for task in summary["completed"]) == ["a", "b", "c"]
+    threads = {tmp_path.joinpath(name).read_text().split()[1] for name in ("a", "b", "c")}
+    assert len(threads) == 3 and all(thread.startswith("slot") for thread in threads)
