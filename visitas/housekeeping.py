@@ -22,7 +22,6 @@ records, ``runs/*.jsonl``, are pruned by :func:`visitas.ops.runmail.prune_failur
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from visitas.paths import RunPaths
+from visitas.transform.reading import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def prune_local(download_root: Path, state_root: Path, keep_days: int, today: dt
         folders = [root / f"{day:%Y%m%d}" for root in (download_root, state_root)]
         if _newest_change(folders) >= since:
             continue
-        unarchived = [path for path in _downloads(folders[0]) if not archived(_sha256(path))]
+        unarchived = [path for path in _downloads(folders[0]) if not archived(sha256_of(path))]
         if unarchived:
             log.warning("run date %s: %s never archived, so its folders stay: load it with"
                         " `visitas run --date %s`, or remove it once it is safe elsewhere",
@@ -129,14 +129,6 @@ def _downloads(folder: Path) -> list[Path]:
                       if e.is_file(follow_symlinks=False) and RunPaths.is_download(e.name))
     except FileNotFoundError:
         return []
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _remove(folder: Path) -> None:
